@@ -1,0 +1,636 @@
+"""Text path of One More Step: prompts -> the context the OMS module cross-attends to.
+
+The OMS module psi is conditioned on a prompt embedding C_psi (paper Eq. 21). The released
+modules were trained with a fixed text encoder:
+
+- base modules (oms_b_openclip_*): Stable Diffusion 2.1's OpenCLIP ViT-H text encoder in
+  transformers ``CLIPTextModel`` form (23 layers, 1024 features). The embedding is its
+  ``last_hidden_state`` (after the final LayerNorm) for ids padded and truncated to 77 tokens,
+  with the causal mask only (no padding mask). The tokenizer is SD 2.1's, which pads with
+  ``"!"`` (id 0); ``"!"`` inside a prompt is id 0 as well.
+- the mixclip SDXL module: SDXL's two encoders, ``hidden_states[-2]`` (no final LayerNorm) of
+  each, concatenated along features (768 + 1280 = 2048).
+
+Every encoder here is a :class:`PromptEncoder`: ``encoder(prompts)`` returns a float tensor of
+shape [B, 77, hidden_size] on ``encoder.device`` in ``encoder.dtype``.
+
+Where the weights come from (:func:`load_prompt_encoder`): the module folder's pointer files
+``oms_text_encoder/config.json`` and ``oms_tokenizer/config.json`` name a folder
+(``_name_or_path`` plus ``subfolder``). ``"."`` or another relative path is resolved against
+the module folder (the folder holding ``model_index.json``). A Hugging Face repo id (for
+example ``stabilityai/stable-diffusion-2-1``) is looked up, in this order, in
+``<module folder>/<subfolder>/``, in ``<models_dir>/<owner>--<name>/<subfolder>/``, in the
+Hugging Face cache, and finally downloaded when ``allow_download`` is true. Only safetensors
+weights are ever read.
+"""
+
+from __future__ import annotations
+
+import abc
+import gzip
+import importlib.util
+import json
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+CONTEXT_LENGTH = 77
+SD21_REPO = "stabilityai/stable-diffusion-2-1"
+TEXT_ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+TokenizeFn = Callable[[Sequence[str]], torch.Tensor]
+
+
+class TextEncoderNotFound(FileNotFoundError):
+    """The text encoder or tokenizer files an OMS module needs are not available locally."""
+
+
+class PromptEncoder(abc.ABC):
+    """Turns prompts into the OMS module's context.
+
+    Calling it returns a tensor [B, 77, hidden_size] on ``device`` in ``dtype``; it never
+    tracks gradients.
+    """
+
+    hidden_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @abc.abstractmethod
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encode ``prompts`` to [len(prompts), 77, hidden_size]."""
+
+    @abc.abstractmethod
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> PromptEncoder:
+        """Move the output (and, for owned weights, the weights) to ``device``/``dtype``."""
+
+
+def tokenize_fn(tokenizer: Any) -> TokenizeFn:
+    """Return prompts -> LongTensor [B, 77] for a transformers tokenizer or a plain function.
+
+    A transformers tokenizer pads to 77 with its own pad token and truncates (a prompt longer
+    than 75 tokens keeps 75 and still ends with end-of-text). Any other callable is taken to do
+    exactly that already (for example ``open_clip.tokenize``) and its result is checked.
+    """
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+
+        def run_hf(prompts: Sequence[str]) -> torch.Tensor:
+            return tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=CONTEXT_LENGTH,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+
+        return run_hf
+    if not callable(tokenizer):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer or a callable, got {tokenizer!r}"
+        )
+
+    def run_fn(prompts: Sequence[str]) -> torch.Tensor:
+        ids = torch.as_tensor(tokenizer(list(prompts)))
+        if ids.ndim != 2 or ids.shape[1] != CONTEXT_LENGTH:
+            raise ValueError(
+                f"tokenizer returned ids of shape {tuple(ids.shape)}; expected "
+                f"[{len(prompts)}, {CONTEXT_LENGTH}]"
+            )
+        return ids.long()
+
+    return run_fn
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _text_transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """The part of a transformers CLIP text model holding ``final_layer_norm`` (4.x and 5.x)."""
+    return getattr(model, "text_model", model)
+
+
+class ClipPromptEncoder(PromptEncoder):
+    """A transformers ``CLIPTextModel`` (or ``...WithProjection``) run to ``num_layers`` layers.
+
+    Output = hidden state after ``num_layers`` encoder layers, then the final LayerNorm when
+    ``final_norm`` is true. With ``num_layers`` equal to the model's depth and ``final_norm``
+    that is ``last_hidden_state``; ``num_layers = depth - 1`` without ``final_norm`` is
+    ``hidden_states[-2]`` (SDXL's convention). ``owns_model=False`` marks a borrowed model:
+    :meth:`to` then only changes where results land and never moves the weights.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenize: TokenizeFn,
+        *,
+        num_layers: int | None = None,
+        final_norm: bool = True,
+        owns_model: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        depth = int(model.config.num_hidden_layers)
+        layers = depth if num_layers is None else int(num_layers)
+        if not 1 <= layers <= depth:
+            raise ValueError(f"num_layers must be in 1..{depth} for this text model, got {layers}")
+        self.model = model
+        self.tokenize = tokenize
+        self.num_layers = layers
+        self.final_norm = final_norm
+        self.owns_model = owns_model
+        self.hidden_size = int(model.config.hidden_size)
+        self.device = torch.device(device) if device is not None else _module_device(model)
+        self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ClipPromptEncoder:
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        if self.owns_model:
+            self.model.to(device=self.device, dtype=self.dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] -> hidden states [B, 77, hidden_size] (see the class docstring)."""
+        ids = ids.to(_module_device(self.model))
+        depth = int(self.model.config.num_hidden_layers)
+        if self.final_norm and self.num_layers == depth:
+            hidden = self.model(input_ids=ids).last_hidden_state
+        else:
+            out = self.model(input_ids=ids, output_hidden_states=True)
+            hidden = out.hidden_states[self.num_layers]
+            if self.final_norm:
+                hidden = _text_transformer(self.model).final_layer_norm(hidden)
+        return hidden.to(device=self.device, dtype=self.dtype)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encode_ids(self.tokenize(prompts))
+
+
+class ConcatPromptEncoder(PromptEncoder):
+    """Several encoders run on the same prompts, outputs concatenated along features."""
+
+    def __init__(self, encoders: Sequence[PromptEncoder]) -> None:
+        if not encoders:
+            raise ValueError("ConcatPromptEncoder needs at least one encoder")
+        self.encoders = list(encoders)
+        self.hidden_size = sum(e.hidden_size for e in self.encoders)
+        self.device = self.encoders[0].device
+        self.dtype = self.encoders[0].dtype
+        self.to(self.device, self.dtype)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ConcatPromptEncoder:
+        for encoder in self.encoders:
+            encoder.to(device=device, dtype=dtype)
+        self.device = self.encoders[0].device
+        self.dtype = self.encoders[0].dtype
+        return self
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.cat([encoder(prompts) for encoder in self.encoders], dim=-1)
+
+
+def wrap_transformers_clip(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    num_layers: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ClipPromptEncoder:
+    """Borrow a loaded transformers CLIP text model (for example the WebUI's SD2.x encoder).
+
+    The output is the hidden state after ``num_layers`` layers followed by the final LayerNorm
+    (default: all layers, i.e. ``last_hidden_state``). For a 24-layer SD2.x encoder pass
+    ``num_layers=23`` to get what OMS was trained on. Weights are neither copied nor moved;
+    results land on ``device``/``dtype`` (default: the model's).
+    """
+    return ClipPromptEncoder(
+        model,
+        tokenize_fn(tokenizer),
+        num_layers=num_layers,
+        final_norm=True,
+        owns_model=False,
+        device=device,
+        dtype=dtype,
+    )
+
+
+# --- tokenizer built from open_clip's bundled BPE vocabulary ---------------------------------
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE, in vocabulary order (GPT-2 / CLIP)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def _openclip_bpe_path() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise TextEncoderNotFound(
+            "open_clip is not installed, so its bundled vocabulary "
+            "bpe_simple_vocab_16e6.txt.gz is unavailable; install open_clip_torch or provide the "
+            f"tokenizer files ({', '.join(TOKENIZER_FILES)}) of {SD21_REPO}/tokenizer"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise TextEncoderNotFound(f"open_clip is installed but {path.name} is missing from it")
+    return path
+
+
+def write_openclip_tokenizer_files(bpe_path: Path, out_dir: Path) -> Path:
+    """Write SD 2.1-style CLIP tokenizer files generated from open_clip's BPE merges file.
+
+    ``vocab.json`` lists the 256 byte symbols, the same with ``</w>``, one entry per merge
+    (48,894) and the two markers: 49,408 ids. ``tokenizer_config.json`` sets pad ``"!"``
+    (id 0) and ``model_max_length`` 77 like Stable Diffusion 2.1. Returns ``out_dir``.
+    """
+    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = _bytes_to_unicode()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": CONTEXT_LENGTH,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), "utf-8")
+    return out_dir
+
+
+def tokenizer_from_openclip_vocab(cache_dir: Path | None = None) -> Any:
+    """A transformers ``CLIPTokenizer`` equal to Stable Diffusion 2.1's, built offline.
+
+    Generated from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz`` (open_clip must be
+    installed; it is not imported). Pads with ``"!"`` (id 0), ``model_max_length`` 77. The
+    files are written to ``cache_dir`` (reused when already there) or to a temporary folder
+    removed after loading.
+    """
+    from transformers import CLIPTokenizer
+
+    if cache_dir is not None:
+        if not all((cache_dir / name).is_file() for name in TOKENIZER_FILES):
+            write_openclip_tokenizer_files(_openclip_bpe_path(), cache_dir)
+        return CLIPTokenizer.from_pretrained(str(cache_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_openclip_tokenizer_files(_openclip_bpe_path(), Path(tmp))
+        return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# --- finding and loading the files a module folder points to ---------------------------------
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """Where a component lives: ``name_or_path`` (hub repo id or path) plus ``subfolder``."""
+
+    class_name: str
+    name_or_path: str
+    subfolder: str
+
+
+def read_pointer(root: Path, component: str) -> Pointer:
+    """Read ``<root>/<component>/config.json`` (keys ``_class_name``, ``_name_or_path``,
+    ``subfolder``)."""
+    path = root / component / "config.json"
+    if not path.is_file():
+        raise TextEncoderNotFound(f"{path} is missing; an OMS module folder needs it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    name = data.get("_name_or_path")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: '_name_or_path' must name a folder or a Hugging Face repo")
+    return Pointer(str(data.get("_class_name", "")), name, str(data.get("subfolder", "") or ""))
+
+
+def _is_complete(folder: Path, required: Sequence[str], any_of: Sequence[str]) -> bool:
+    has_required = all((folder / name).is_file() for name in required)
+    return has_required and (not any_of or any((folder / n).is_file() for n in any_of))
+
+
+def models_dir_folder(models_dir: Path, repo_id: str, subfolder: str) -> Path:
+    """The documented local layout: ``<models_dir>/<owner>--<name>/<subfolder>``."""
+    folder = models_dir / repo_id.replace("/", "--")
+    return folder / subfolder if subfolder else folder
+
+
+def _hub_file(repo_id: str, subfolder: str, filename: str, **kwargs: Any) -> Path | None:
+    import huggingface_hub
+
+    try:
+        path = huggingface_hub.hf_hub_download(
+            repo_id, filename, subfolder=subfolder or None, **kwargs
+        )
+    except OSError:
+        return None
+    return Path(path)
+
+
+def _hub_folder(
+    repo_id: str,
+    subfolder: str,
+    required: Sequence[str],
+    any_of: Sequence[str],
+    *,
+    local_only: bool,
+    cache_dir: Path | None,
+    progress: bool,
+) -> Path | None:
+    """Fetch ``required`` plus the first available of ``any_of`` from the hub (cache only when
+    ``local_only``); return the folder holding them, or None when a file is unavailable."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    kwargs: dict[str, Any] = {"local_files_only": local_only, "cache_dir": cache_dir}
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        paths = [_hub_file(repo_id, subfolder, name, **kwargs) for name in required]
+        if any_of:
+            paths.append(
+                next(
+                    (p for n in any_of if (p := _hub_file(repo_id, subfolder, n, **kwargs))),
+                    None,
+                )
+            )
+        if any(path is None for path in paths):
+            return None
+        return paths[0].parent
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What to look for: the files a component folder needs and how to describe them."""
+
+    what: str
+    required: tuple[str, ...]
+    any_of: tuple[str, ...] = ()
+
+
+def resolve_component_folder(
+    root: Path,
+    pointer: Pointer,
+    lookup: Lookup,
+    *,
+    models_dir: Path | None,
+    allow_download: bool,
+    hf_cache_dir: Path | None,
+    progress: bool,
+    download_any_of: str | None = None,
+) -> Path:
+    """Find the local folder holding a pointed-to component (see the module docstring for the
+    search order). ``download_any_of`` picks which of ``lookup.any_of`` to download."""
+    name, sub = pointer.name_or_path, pointer.subfolder
+    local = Path(name) if Path(name).is_absolute() else root / name
+    if name == "." or local.exists() or not _REPO_ID.match(name):
+        folder = local / sub if sub else local
+        if _is_complete(folder, lookup.required, lookup.any_of):
+            return folder
+        raise TextEncoderNotFound(
+            f"{lookup.what}: {folder} must hold {_describe(lookup)} (named by the pointer "
+            f"'_name_or_path': {name!r}, 'subfolder': {sub!r}, resolved against {root})"
+        )
+    candidates = [root / sub] if sub else []
+    if models_dir is not None:
+        candidates.append(models_dir_folder(models_dir, name, sub))
+    for folder in candidates:
+        if _is_complete(folder, lookup.required, lookup.any_of):
+            return folder
+    hub = {"cache_dir": hf_cache_dir, "progress": progress}
+    found = _hub_folder(name, sub, lookup.required, lookup.any_of, local_only=True, **hub)
+    if found is not None:
+        return found
+    if allow_download:
+        pick = (download_any_of,) if download_any_of else lookup.any_of[:1]
+        found = _hub_folder(name, sub, lookup.required, pick, local_only=False, **hub)
+        if found is not None:
+            return found
+    raise TextEncoderNotFound(_not_found_message(lookup, name, sub, candidates, allow_download))
+
+
+def _describe(lookup: Lookup) -> str:
+    text = " + ".join(lookup.required)
+    return text + (f" + one of {' / '.join(lookup.any_of)}" if lookup.any_of else "")
+
+
+def _not_found_message(
+    lookup: Lookup, repo_id: str, sub: str, tried: Sequence[Path], allow_download: bool
+) -> str:
+    where = f"https://huggingface.co/{repo_id}" + (f"/tree/main/{sub}" if sub else "")
+    places = "\n".join(f"  {p}" for p in tried) or "  (no local folder configured)"
+    reason = (
+        "downloading failed (offline, HF_HUB_OFFLINE set, or the repo is unreachable)"
+        if allow_download
+        else "downloading is not allowed"
+    )
+    return (
+        f"{lookup.what} not found and {reason}.\n"
+        f"Download {_describe(lookup)} from {where} (repo {repo_id!r}, subfolder {sub!r}; "
+        "never the .bin files) and put them into one of:\n"
+        f"{places}\n"
+        "or into the Hugging Face cache (huggingface-cli download "
+        f"{repo_id} {' '.join(f'{sub}/{f}' if sub else f for f in lookup.required)} ...)."
+    )
+
+
+def load_clip_text_model(
+    folder: Path, *, with_projection: bool = False, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Load a transformers CLIP text model from ``folder`` (config.json + safetensors weights).
+
+    Reads ``model.safetensors`` or else ``model.fp16.safetensors``; weights saved with or
+    without the ``text_model.`` key prefix load into either transformers 4.x or 5.x.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    weights = next((folder / n for n in TEXT_ENCODER_WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise TextEncoderNotFound(f"{folder} has none of {', '.join(TEXT_ENCODER_WEIGHT_FILES)}")
+    config = CLIPTextConfig.from_pretrained(str(folder))
+    model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = model_cls(config)
+    load_text_state_dict(model, load_file(str(weights)), source=str(weights))
+    return model.to(dtype=dtype).eval()
+
+
+def load_text_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str
+) -> None:
+    """Load transformers CLIP text weights whatever their ``text_model.`` prefix convention;
+    raise ValueError naming ``source`` when a weight is missing."""
+    wanted = model.state_dict().keys()
+    prefixed = any(key.startswith("text_model.") for key in wanted)
+    fixed = {}
+    for key, value in state_dict.items():
+        bare = key.removeprefix("text_model.")
+        is_text = bare.startswith(("embeddings.", "encoder.", "final_layer_norm."))
+        fixed["text_model." + bare if prefixed and is_text else bare] = value
+    missing, _ = model.load_state_dict(fixed, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _load_clip_encoder(
+    root: Path,
+    encoder: Pointer,
+    tokenizer: Pointer,
+    *,
+    with_projection: bool,
+    penultimate: bool,
+    fallback_tokenizer: bool,
+    options: dict[str, Any],
+    dtype: torch.dtype,
+) -> ClipPromptEncoder:
+    from transformers import CLIPTokenizer
+
+    weights_pick = TEXT_ENCODER_WEIGHT_FILES[0 if dtype == torch.float32 else 1]
+    enc_lookup = Lookup("text encoder", ("config.json",), TEXT_ENCODER_WEIGHT_FILES)
+    enc_folder = resolve_component_folder(
+        root, encoder, enc_lookup, download_any_of=weights_pick, **options
+    )
+    try:
+        tok_folder = resolve_component_folder(
+            root, tokenizer, Lookup("tokenizer", TOKENIZER_FILES), **options
+        )
+        tok = CLIPTokenizer.from_pretrained(str(tok_folder))
+    except TextEncoderNotFound:
+        if not (fallback_tokenizer and importlib.util.find_spec("open_clip")):
+            raise
+        tok = tokenizer_from_openclip_vocab()
+    model = load_clip_text_model(enc_folder, with_projection=with_projection, dtype=dtype)
+    depth = int(model.config.num_hidden_layers)
+    return ClipPromptEncoder(
+        model,
+        tokenize_fn(tok),
+        num_layers=depth - 1 if penultimate else depth,
+        final_norm=not penultimate,
+        owns_model=True,
+    )
+
+
+def _is_dual(root: Path, encoder: Pointer) -> bool:
+    """SDXL two-encoder modules: the pointer's or model_index's class name contains "SDXL"."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise TextEncoderNotFound(f"{index_path} is missing; is {root} an OMS module folder?")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    entry = index.get("oms_text_encoder")
+    if entry is None:
+        raise ValueError(f"{index_path} has no 'oms_text_encoder' entry")
+    listed = entry[-1] if isinstance(entry, list) and entry else ""
+    return "SDXL" in encoder.class_name or "SDXL" in str(listed)
+
+
+def load_prompt_encoder(
+    root: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    models_dir: Path | None = None,
+    allow_download: bool = False,
+    progress: bool = True,
+    hf_cache_dir: Path | None = None,
+) -> PromptEncoder:
+    """Load the text encoder an OMS module folder ``root`` was trained with.
+
+    Single-CLIP modules give a 23-layer ViT-H ``last_hidden_state`` encoder ([B, 77, 1024]
+    for the released ones). A pointer (or model_index entry) whose class name contains
+    ``SDXL`` marks the mixclip layout of the authors' loader: ``_name_or_path`` then names an
+    SDXL base folder/repo holding ``text_encoder``, ``text_encoder_2``, ``tokenizer`` and
+    ``tokenizer_2`` (``subfolder`` ignored), and the result is the 768 + 1280 = 2048-feature
+    concatenation of both ``hidden_states[-2]``. When the single-CLIP tokenizer files are
+    nowhere to be found, SD 2.1's tokenizer is rebuilt from open_clip's vocabulary.
+    Raises :class:`TextEncoderNotFound` saying what to download and where to put it.
+    """
+    root = Path(root)
+    encoder = read_pointer(root, "oms_text_encoder")
+    options = {
+        "models_dir": models_dir,
+        "allow_download": allow_download,
+        "hf_cache_dir": hf_cache_dir,
+        "progress": progress,
+    }
+    if _is_dual(root, encoder):
+        parts = []
+        for suffix, with_projection in (("", False), ("_2", True)):
+            enc = Pointer(encoder.class_name, encoder.name_or_path, f"text_encoder{suffix}")
+            tok = Pointer("CLIPTokenizer", encoder.name_or_path, f"tokenizer{suffix}")
+            parts.append(
+                _load_clip_encoder(
+                    root,
+                    enc,
+                    tok,
+                    with_projection=with_projection,
+                    penultimate=True,
+                    fallback_tokenizer=False,
+                    options=options,
+                    dtype=dtype,
+                )
+            )
+        return ConcatPromptEncoder(parts).to(device=device, dtype=dtype)
+    single = _load_clip_encoder(
+        root,
+        encoder,
+        read_pointer(root, "oms_tokenizer"),
+        with_projection=False,
+        penultimate=False,
+        fallback_tokenizer=True,
+        options=options,
+        dtype=dtype,
+    )
+    return single.to(device=device, dtype=dtype)
