@@ -22,3 +22,22 @@ __all__ = [
     "load_oms",
     "oms_start",
 ]
+
+from oms_ext.openclip_convert import clip_encoder_from_openclip_state_dict, wrap_openclip_tower
+from oms_ext.text import (
+    PromptEncoder,
+    TextEncoderNotFound,
+    load_prompt_encoder,
+    tokenizer_from_openclip_vocab,
+    wrap_transformers_clip,
+)
+
+__all__ += [
+    "PromptEncoder",
+    "TextEncoderNotFound",
+    "clip_encoder_from_openclip_state_dict",
+    "load_prompt_encoder",
+    "tokenizer_from_openclip_vocab",
+    "wrap_openclip_tower",
+    "wrap_transformers_clip",
+]
