@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import k_diffusion.sampling as kds
 import pytest
@@ -367,3 +370,35 @@ def test_lcm_table_ends_at_the_model_sigma_max() -> None:
     table = schedules.lcm_model_sigmas(MODEL_SIGMAS)
     assert table.shape == (50,)
     assert float(table[-1]) == SIGMA_MAX and float(table[0]) == float(MODEL_SIGMAS[19])
+
+
+# --- the README's start table --------------------------------------------------------------
+
+
+def _start_table_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "start_table.py"
+    spec = importlib.util.spec_from_file_location("start_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["start_table"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_start_table_is_what_the_script_generates() -> None:
+    tool = _start_table_tool()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert tool.readme_block(readme) == tool.render(), "run: python tools/start_table.py --write"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "t"),
+    [("DDIM", "karras", 951), ("PLMS", "automatic", 951), ("UniPC", "automatic", 999),
+     ("Euler", "ddim", 951), ("DPM2", "ddim", 988), ("DPM++ 2M", "automatic", 999),
+     ("LCM", "ddim", 999), ("DPM fast", "ddim", 999)],
+)
+def test_start_table_places_samplers_where_the_webuis_start_them(
+    sampler: str, scheduler: str, t: int
+) -> None:
+    tool = _start_table_tool()
+    by_label = {s.label: s for s in tool.SAMPLERS}
+    assert spaces.nearest_timestep(tool.sampler_start(by_label[sampler], scheduler)) == t
