@@ -92,11 +92,8 @@ def _residual_correlations(denoiser_spread: float) -> tuple[float, float]:
     x0 = torch.cat([toy.sample_data(toy.batch_means(), generator) for _ in range(32)])
     sigma = 3.0
     x = x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-    saved, toy.SPREAD = toy.SPREAD, denoiser_spread
-    try:
-        residual = x0 - toy.exact_denoiser(mu)(x, torch.full((x.shape[0],), sigma))
-    finally:
-        toy.SPREAD = saved
+    denoise = toy.exact_denoiser(mu, spread=denoiser_spread)
+    residual = x0 - denoise(x, torch.full((x.shape[0],), sigma))
     d = x - mu
 
     def corr(a: torch.Tensor, b: torch.Tensor) -> float:

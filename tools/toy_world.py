@@ -111,15 +111,16 @@ def sample_data(mu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return mu + SPREAD * offset + PIXEL_STD * pixels
 
 
-def exact_denoiser(mu: torch.Tensor) -> Denoiser:
+def exact_denoiser(mu: torch.Tensor, spread: float = SPREAD) -> Denoiser:
     """The exact k-diffusion denoiser E[x0 | x0 + sigma * eps = x] of the toy data (sigma space).
 
-    Per channel the data covariance has eigenvalue SPREAD^2 * pixels + PIXEL_STD^2 along the
+    Per channel the data covariance has eigenvalue spread^2 * pixels + PIXEL_STD^2 along the
     constant image and PIXEL_STD^2 across it; the posterior mean shrinks each part by
-    ``lambda / (lambda + sigma^2)`` towards ``mu``.
+    ``lambda / (lambda + sigma^2)`` towards ``mu``. ``spread`` other than SPREAD gives a
+    deliberately wrong model (for tests).
     """
     pixels = LATENT_HW[0] * LATENT_HW[1]
-    lam_mean = SPREAD**2 * pixels + PIXEL_STD**2
+    lam_mean = spread**2 * pixels + PIXEL_STD**2
     lam_pixel = PIXEL_STD**2
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
