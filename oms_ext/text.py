@@ -472,6 +472,8 @@ def _not_found_message(
 ) -> str:
     where = f"https://huggingface.co/{repo_id}" + (f"/tree/main/{sub}" if sub else "")
     places = "\n".join(f"  {p}" for p in tried) or "  (no local folder configured)"
+    # The smallest complete set (the last of any_of is the fp16 weights) for the command line.
+    files = [f"{sub}/{f}" if sub else f for f in (*lookup.required, *lookup.any_of[-1:])]
     reason = (
         "downloading failed (offline, HF_HUB_OFFLINE set, or the repo is unreachable)"
         if allow_download
@@ -482,8 +484,7 @@ def _not_found_message(
         f"Download {_describe(lookup)} from {where} (repo {repo_id!r}, subfolder {sub!r}; "
         "never the .bin files) and put them into one of:\n"
         f"{places}\n"
-        "or into the Hugging Face cache (huggingface-cli download "
-        f"{repo_id} {' '.join(f'{sub}/{f}' if sub else f for f in lookup.required)} ...)."
+        f"or into the Hugging Face cache: huggingface-cli download {repo_id} {' '.join(files)}"
     )
 
 

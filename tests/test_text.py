@@ -149,6 +149,8 @@ def test_missing_encoder_error_says_what_to_download_and_where(tmp_path) -> None
     assert "config.json + one of model.safetensors / model.fp16.safetensors" in message
     assert str(models / "stabilityai--stable-diffusion-2-1" / "text_encoder") in message
     assert str(root / "text_encoder") in message
+    command = f"huggingface-cli download {SD21} text_encoder/config.json text_encoder/model.fp16"
+    assert command in message
 
 
 def test_offline_download_attempt_raises_not_found(tmp_path) -> None:
