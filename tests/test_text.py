@@ -350,9 +350,11 @@ def sdxl_models_dir(tmp_path_factory) -> Path:
     """A tiny SDXL-like repo folder: CLIPTextModel (24-d) + ...WithProjection (40-d)."""
     models = tmp_path_factory.mktemp("models")
     repo = models / SDXL.replace("/", "--")
-    _random_clip(layers=3, hidden=24, seed=1).save_pretrained(repo / "text_encoder")
+    _random_clip(layers=3, hidden=24, seed=1).save_pretrained(
+        repo / "text_encoder", safe_serialization=True
+    )
     with_projection = _random_clip(layers=2, hidden=40, seed=2, cls=CLIPTextModelWithProjection)
-    with_projection.save_pretrained(repo / "text_encoder_2")
+    with_projection.save_pretrained(repo / "text_encoder_2", safe_serialization=True)
     CLIPTokenizer.from_pretrained(
         str(DATA / "tokenizer"), pad_token="<|endoftext|>"
     ).save_pretrained(repo / "tokenizer")
