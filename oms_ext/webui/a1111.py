@@ -1,0 +1,133 @@
+"""AUTOMATIC1111 (v1.6 to v1.10) adapter: WebUI objects in, plain values out, result applied.
+
+Nothing here imports the WebUI; ``p`` (StableDiffusionProcessingTxt2Img), ``opts``
+(``shared.opts``), ``cmd_opts`` and ``sd_model`` are passed in and read by attribute.
+
+Hooking, one mechanism per version so OMS runs exactly once per batch:
+
+* v1.10+: ``process_before_every_sampling(p, x=..., noise=...)`` runs right before the
+  first-pass sampler with ``x`` the batch's unit noise; the result is written into ``x`` in
+  place (:func:`apply_in_place`).
+* v1.6 to v1.9: no such hook. ``p.rng`` (an ``ImageRNG``) is created per batch before
+  ``process_batch``; its FIRST ``next()`` call (inside ``p.sample``, after ``p.sampler`` is
+  created) returns the txt2img noise, later calls feed ancestral/SDE per-step noise.
+  :func:`hook_first_noise` wraps ``next`` on that one instance for one call only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from oms_ext.webui.runner import BatchInputs
+from oms_ext.webui.samplers import sampler_start
+
+HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"
+IMG2IMG_NOTE = "img2img/inpaint left alone (OMS applies to txt2img starts from pure noise)"
+
+
+def model_family(sd_model: Any) -> str:
+    """ "sdxl", "sd3", "sd2", "sd1" or "unknown", from the ``is_*`` flags A1111 sets."""
+    for flag, family in (
+        ("is_sdxl", "sdxl"),
+        ("is_sd3", "sd3"),
+        ("is_sd2", "sd2"),
+        ("is_sd1", "sd1"),
+    ):
+        if getattr(sd_model, flag, False):
+            return family
+    return "unknown"
+
+
+def prediction_type(sd_model: Any) -> str:
+    """ "v" for v-prediction checkpoints (SD2.x 768-v), else "eps"."""
+    return "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
+
+
+def pass_note(p: Any) -> str | None:
+    """Why this processing pass is not OMS's (hires pass, img2img), or None."""
+    if getattr(p, "is_hr_pass", False):
+        return HIRES_NOTE
+    if hasattr(p, "init_images"):
+        return IMG2IMG_NOTE
+    return None
+
+
+def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
+    """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
+    note = pass_note(p)
+    family = model_family(sd_model)
+    start = None
+    if note is None and x.shape[1] == 4 and family != "sd3":
+        start = sampler_start(
+            p,
+            p.sampler,
+            sgm_noise_multiplier=bool(getattr(opts, "sgm_noise_multiplier", False)),
+            prediction_type=prediction_type(sd_model),
+        )
+    count = x.shape[0]
+    return BatchInputs(
+        noise=x,
+        start=start,
+        prompts=list(p.prompts)[:count],
+        negative_prompts=list(getattr(p, "negative_prompts", None) or [""] * count)[:count],
+        seeds=list(p.seeds)[:count],
+        family=family,
+        is_flow=family == "sd3",
+        pass_skip=note,
+    )
+
+
+def apply_in_place(x: torch.Tensor, noise: torch.Tensor) -> None:
+    """A1111 1.10: hand the new noise to the sampler by overwriting ``x`` in place."""
+    x.copy_(noise.to(device=x.device, dtype=x.dtype))
+
+
+def has_before_every_sampling(script_runner: Any) -> bool:
+    """Whether the WebUI calls ``process_before_every_sampling`` (A1111 >= 1.10)."""
+    return callable(getattr(script_runner, "process_before_every_sampling", None))
+
+
+def hook_first_noise(rng: Any, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make the next ``rng.next()`` return ``transform(noise)``; every later call is the
+    untouched original (per-step noise). The wrapper removes itself on its first call;
+    :func:`unhook_first_noise` removes it if it was never called."""
+    original = rng.next
+
+    def first_next() -> torch.Tensor:
+        unhook_first_noise(rng)
+        return transform(original())
+
+    first_next.oms_hook = True  # type: ignore[attr-defined]
+    rng.next = first_next
+
+
+def unhook_first_noise(rng: Any) -> None:
+    """Remove a pending :func:`hook_first_noise` wrapper from ``rng`` (no-op if none)."""
+    if getattr(vars(rng).get("next"), "oms_hook", False):
+        del rng.next
+
+
+def low_vram(cmd_opts: Any, family: str) -> bool:
+    """--lowvram, --medvram, or --medvram-sdxl with an SDXL checkpoint."""
+    return bool(
+        getattr(cmd_opts, "lowvram", False)
+        or getattr(cmd_opts, "medvram", False)
+        or (family == "sdxl" and getattr(cmd_opts, "medvram_sdxl", False))
+    )
+
+
+def sd2_text_tower(sd_model: Any) -> Any | None:
+    """The SD2.x checkpoint's OpenCLIP text tower (``FrozenOpenCLIPEmbedder.model``, under
+    A1111's ``...WithCustomWords`` wrapper), to reuse as the OMS text encoder; None if the
+    checkpoint is not SD2.x or the tower is not in open_clip layout."""
+    if model_family(sd_model) != "sd2":
+        return None
+    cond = getattr(sd_model, "cond_stage_model", None)
+    tower = getattr(getattr(cond, "wrapped", cond), "model", None)
+    resblocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if resblocks is None or not hasattr(tower, "token_embedding"):
+        return None
+    return tower

@@ -1,0 +1,86 @@
+"""The extension's one model cache: the OMS module (with its text encoder) in use.
+
+At most one module is kept. It is loaded on first use and kept for the next generation; a
+request with a different key (module path, device, dtype, text-encoder source) replaces it.
+:meth:`ModelCache.offload` moves it to the CPU after the OMS step (low/medium VRAM or when the
+setting asks); :meth:`ModelCache.get` moves it back to its device on the next use.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from oms_ext.loading import OMSModel
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What makes two loaded modules interchangeable.
+
+    ``path``: module folder or file; ``device``/``dtype``: where it runs (strings, e.g.
+    "cuda:0", "float16"); ``text_encoder``: where the text encoder comes from ("module" for
+    the files the module names, or an id of a borrowed checkpoint encoder).
+    """
+
+    path: str
+    device: str
+    dtype: str
+    text_encoder: str
+
+
+class ModelCache:
+    """Holds the OMS model in use; thread-safe (the WebUI API may run jobs in threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: CacheKey | None = None
+        self._model: OMSModel | None = None
+
+    @property
+    def key(self) -> CacheKey | None:
+        return self._key
+
+    def get(self, key: CacheKey, load: Callable[[], OMSModel]) -> OMSModel:
+        """The cached model for ``key`` on ``key.device``, loading it with ``load()`` if the
+        cache holds another one (which is released first, so two never coexist)."""
+        with self._lock:
+            if self._key != key or self._model is None:
+                self._release()
+                model = load()
+                self._key, self._model = key, model
+            model = self._model
+            if model.device != torch.device(key.device):
+                model.to(device=key.device)
+            return model
+
+    def offload(self) -> None:
+        """Move the cached model to the CPU (no-op when empty or already there)."""
+        with self._lock:
+            if self._model is not None and self._model.device.type != "cpu":
+                self._model.to(device="cpu")
+                _empty_device_cache()
+
+    def clear(self) -> None:
+        """Drop the cached model (e.g. when the checkpoint whose encoder it borrows goes)."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._model is not None:
+            self._key, self._model = None, None
+            gc.collect()
+            _empty_device_cache()
+
+
+def _empty_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+#: The extension's model cache (the only module-level mutable state of the WebUI glue).
+MODEL_CACHE = ModelCache()

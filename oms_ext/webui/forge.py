@@ -1,0 +1,194 @@
+"""Forge-family adapter (Forge f2, reForge, Forge Classic): plain values out, result applied.
+
+Forge calls ``process_before_every_sampling(p, x=..., noise=...)`` before the first pass and
+reads ``p.modified_noise`` once right after (then resets it); the hires pass calls the hook
+again with ``p.is_hr_pass`` true. The model's noise schedule lives on the predictor,
+``sd_model.forge_objects.unet.model.predictor`` (Forge f2) or ``.model_sampling``
+(ldm_patched-based forks). Forge's memory manager (``backend.memory_management`` in f2,
+``ldm_patched.modules.model_management`` in older forks) moves models between devices; the
+OMS module is registered with it through a ModelPatcher. Those imports happen inside
+:meth:`ForgeMemory.load` only, never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from oms_ext.loading import OMSModel
+from oms_ext.text import PromptEncoder, wrap_transformers_clip
+from oms_ext.webui.a1111 import model_family as _flag_family
+from oms_ext.webui.a1111 import pass_note
+from oms_ext.webui.runner import BatchInputs
+from oms_ext.webui.samplers import sampler_start
+
+SD2_OMS_LAYERS = 23
+
+
+def predictor(sd_model: Any) -> Any | None:
+    """The noise-schedule object of the loaded model, or None."""
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    model = getattr(unet, "model", None)
+    return getattr(model, "predictor", None) or getattr(model, "model_sampling", None)
+
+
+def _class_names(obj: Any) -> list[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def is_flow(pred: Any) -> bool:
+    """Flow-matching predictors (SD3, Flux, Chroma, ...): "const" prediction or a Flow/Flux
+    class (f2: PredictionFlow/PredictionFlux/PredictionDiscreteFlow; ldm_patched: CONST)."""
+    if pred is None:
+        return False
+    names = _class_names(pred)
+    return getattr(pred, "prediction_type", None) == "const" or any(
+        "Flow" in n or "Flux" in n or n == "CONST" for n in names
+    )
+
+
+def prediction_type(pred: Any) -> str:
+    """ "v" for v-prediction (f2 ``prediction_type == "v_prediction"``, ldm_patched
+    ``V_PREDICTION`` mixin), else "eps"."""
+    if pred is None:
+        return "eps"
+    if getattr(pred, "prediction_type", None) == "v_prediction":
+        return "v"
+    return "v" if "V_PREDICTION" in _class_names(pred) else "eps"
+
+
+def model_family(sd_model: Any) -> str:
+    """ "sdxl", "sd3", "sd2", "sd1", "flow" (Flux, Chroma, ...) or "unknown"."""
+    family = _flag_family(sd_model)
+    if family == "unknown" and is_flow(predictor(sd_model)):
+        return "flow"
+    return family
+
+
+def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
+    """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
+    note = pass_note(p)
+    pred = predictor(sd_model)
+    flow = is_flow(pred)
+    family = model_family(sd_model)
+    start = None
+    if note is None and not flow and x.shape[1] == 4:
+        start = sampler_start(
+            p,
+            p.sampler,
+            sgm_noise_multiplier=bool(getattr(opts, "sgm_noise_multiplier", False)),
+            prediction_type=prediction_type(pred),
+        )
+    count = x.shape[0]
+    return BatchInputs(
+        noise=x,
+        start=start,
+        prompts=list(p.prompts)[:count],
+        negative_prompts=list(getattr(p, "negative_prompts", None) or [""] * count)[:count],
+        seeds=list(p.seeds)[:count],
+        family=family,
+        is_flow=flow,
+        pass_skip=note,
+    )
+
+
+def apply_noise(p: Any, noise: torch.Tensor, like: torch.Tensor) -> None:
+    """Hand the new noise to Forge: it reads ``p.modified_noise`` once, then resets it."""
+    p.modified_noise = noise.to(device=like.device, dtype=like.dtype)
+
+
+class _ManagedEncoder(PromptEncoder):
+    """A borrowed encoder whose weights Forge's memory manager must load before use."""
+
+    def __init__(self, inner: PromptEncoder, patcher: Any) -> None:
+        self.inner = inner
+        self.patcher = patcher
+        self.hidden_size = inner.hidden_size
+        self.device = inner.device
+        self.dtype = inner.dtype
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> _ManagedEncoder:
+        self.inner.to(device=device, dtype=dtype)
+        self.device, self.dtype = self.inner.device, self.inner.dtype
+        return self
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        _memory_module().load_models_gpu([self.patcher])
+        return self.inner(prompts)
+
+
+def sd2_text_encoder(sd_model: Any) -> PromptEncoder | None:
+    """The SD2.x checkpoint's own OpenCLIP ViT-H encoder (Forge f2 keeps it as a transformers
+    ``CLIPTextModel`` at ``forge_objects.clip.cond_stage_model.clip_h.transformer``) wrapped
+    to give OMS's 23-layer output; None when the checkpoint is not SD2.x or looks different."""
+    if model_family(sd_model) != "sd2":
+        return None
+    clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
+    holder = getattr(getattr(clip, "cond_stage_model", None), "clip_h", None)
+    transformer = getattr(holder, "transformer", None)
+    tokenizer = getattr(getattr(clip, "tokenizer", None), "clip_h", None)
+    config = getattr(transformer, "config", None)
+    if config is None or tokenizer is None or config.num_hidden_layers < SD2_OMS_LAYERS:
+        return None
+    inner = wrap_transformers_clip(transformer, tokenizer, num_layers=SD2_OMS_LAYERS)
+    patcher = getattr(clip, "patcher", None)
+    return inner if patcher is None else _ManagedEncoder(inner, patcher)
+
+
+def _memory_module() -> Any:
+    try:
+        return importlib.import_module("backend.memory_management")
+    except ImportError:
+        return importlib.import_module("ldm_patched.modules.model_management")
+
+
+def _patcher_class() -> Any:
+    try:
+        return importlib.import_module("backend.patcher.base").ModelPatcher
+    except ImportError:
+        return importlib.import_module("ldm_patched.modules.model_patcher").ModelPatcher
+
+
+class _OMSWeights(torch.nn.Module):
+    """Container registering the OMS module (and its own text encoder) with Forge."""
+
+    def __init__(self, model: OMSModel) -> None:
+        super().__init__()
+        self.unet = model.unet
+        encoder_model = getattr(model.text_encoder, "model", None)
+        if model.owns_text_encoder and isinstance(encoder_model, torch.nn.Module):
+            self.text_encoder = encoder_model
+
+
+class ForgeMemory:
+    """Loads the OMS model to the GPU through Forge's memory manager, which then offloads it
+    when other models need the room. Keeps one ModelPatcher per model so Forge recognises it
+    as already loaded."""
+
+    def __init__(self) -> None:
+        self._model: OMSModel | None = None
+        self._patcher: Any = None
+
+    def device(self) -> torch.device:
+        """Forge's compute device."""
+        return torch.device(_memory_module().get_torch_device())
+
+    def load(self, model: OMSModel) -> None:
+        """Ask Forge to put ``model`` on its compute device (freeing others as needed)."""
+        mm = _memory_module()
+        if self._model is not model:
+            self._model = model
+            self._patcher = _patcher_class()(
+                _OMSWeights(model),
+                load_device=mm.get_torch_device(),
+                offload_device=torch.device("cpu"),
+            )
+        mm.load_models_gpu([self._patcher])
+        # Forge may leave plain torch layers on the CPU when it "swaps" a model in low VRAM;
+        # the OMS module is small, so finish the move instead of computing across devices.
+        model.to(device=mm.get_torch_device())

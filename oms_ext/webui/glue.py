@@ -1,0 +1,232 @@
+"""What the WebUI script's callbacks do, with every WebUI object passed in.
+
+``scripts/one_more_step.py`` builds one :class:`Host` from the WebUI's modules and forwards
+its callbacks to an :class:`OMSController`; tests drive the same controller with stand-ins.
+Per-run state lives on ``p`` (``p.oms_args``, ``p.oms_last_batch``), never on the script.
+
+Callback order (A1111 1.6-1.10, Forge): ``process(p, *args)`` once per run; per batch
+``process_batch`` then ``p.sample()``, which calls ``process_before_every_sampling`` (A1111
+>= 1.10, Forge) or draws ``p.rng.next()`` (hooked on A1111 < 1.10); ``postprocess_batch``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oms_ext.loading import OMSModel
+from oms_ext.webui import a1111, forge
+from oms_ext.webui.args import (
+    ALPHA_BAR_KEY,
+    ENABLED_KEY,
+    FIELDS,
+    NOTE_KEY,
+    SKIPPED_KEY,
+    VERSION_KEY,
+    OMSArgs,
+)
+from oms_ext.webui.cache import MODEL_CACHE, ModelCache
+from oms_ext.webui.provider import (
+    ModelRequest,
+    Settings,
+    compute_device,
+    compute_dtype,
+    models_folders,
+    provide_model,
+    should_offload,
+)
+from oms_ext.webui.runner import Outcome, run_oms
+
+_OMS_INFOTEXT_KEYS = (
+    ENABLED_KEY,
+    VERSION_KEY,
+    ALPHA_BAR_KEY,
+    SKIPPED_KEY,
+    NOTE_KEY,
+    *(f.label for f in FIELDS),
+)
+
+
+@dataclass
+class Host:
+    """The WebUI's services as plain values.
+
+    ``kind``: "a1111" or "forge". ``opts``/``cmd_opts``: ``shared.opts``/``shared.cmd_opts``.
+    ``device``: the WebUI's compute device. ``models_dir``: the WebUI's models folder;
+    ``extension_dir``: this extension's folder. ``before_every_sampling``: whether the WebUI
+    calls ``process_before_every_sampling`` (A1111 >= 1.10, Forge). ``log``: console output.
+    """
+
+    kind: str
+    opts: Any
+    cmd_opts: Any
+    device: torch.device | str
+    models_dir: Path
+    extension_dir: Path
+    before_every_sampling: bool
+    log: Callable[[str], None] = print
+    cache: ModelCache = MODEL_CACHE
+    forge_memory: forge.ForgeMemory | None = field(default=None)
+
+
+class OMSController:
+    """Turns the script's callbacks into OMS steps on the host WebUI."""
+
+    def __init__(self, host: Host) -> None:
+        if host.kind not in ("a1111", "forge"):
+            raise ValueError(f"Host.kind must be 'a1111' or 'forge', got {host.kind!r}")
+        self.host = host
+        self.adapter = forge if host.kind == "forge" else a1111
+
+    # --- callbacks ---------------------------------------------------------------------
+
+    def process(self, p: Any, values: Sequence[Any]) -> OMSArgs:
+        """Read the script args (positional UI order or one dict) plus XYZ overrides
+        (``p.oms_<field>``) into ``p.oms_args``. Raises OMSArgsError on bad input."""
+        args = OMSArgs.from_values(list(values))
+        overrides = {
+            f.attr: getattr(p, f"oms_{f.attr}") for f in FIELDS if hasattr(p, f"oms_{f.attr}")
+        }
+        args = args.with_overrides(overrides) if overrides else args
+        p.oms_args = args
+        p.oms_last_batch = None
+        return args
+
+    def process_batch(self, p: Any) -> None:
+        """On WebUIs without ``process_before_every_sampling`` (A1111 < 1.10): wrap the first
+        draw of this batch's ``p.rng`` so it returns the OMS noise."""
+        if self.host.before_every_sampling or not self._enabled(p):
+            return
+        rng = getattr(p, "rng", None)
+        if rng is None:
+            self.host.log("[OMS] this WebUI has no p.rng (older than 1.6?); OMS not applied")
+            return
+        a1111.hook_first_noise(rng, lambda x: self._noise_from_first_draw(p, x))
+
+    def before_every_sampling(self, p: Any, x: torch.Tensor) -> None:
+        """A1111 >= 1.10 and Forge: replace the batch's noise ``x`` right before sampling."""
+        if not self.host.before_every_sampling or not self._enabled(p):
+            return
+        outcome = self._run(p, x)
+        if outcome.noise is None:
+            return
+        if self.host.kind == "forge":
+            forge.apply_noise(p, outcome.noise, like=x)
+        else:
+            a1111.apply_in_place(x, outcome.noise)
+
+    def postprocess_batch(self, p: Any) -> None:
+        """Remove a hook that was never triggered (e.g. an interrupted batch)."""
+        rng = getattr(p, "rng", None)
+        if rng is not None:
+            a1111.unhook_first_noise(rng)
+
+    # --- internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _enabled(p: Any) -> bool:
+        args = getattr(p, "oms_args", None)
+        return args is not None and args.enabled
+
+    def _noise_from_first_draw(self, p: Any, x: torch.Tensor) -> torch.Tensor:
+        # This runs inside p.sample(), where no WebUI callback guard catches errors: any
+        # failure is reported with its traceback and the image is sampled from x unchanged.
+        try:
+            outcome = self._run(p, x)
+        except Exception:
+            self.host.log(
+                "[OMS] One More Step failed; sampling from the seed's noise:\n"
+                + traceback.format_exc()
+            )
+            _record(p, {SKIPPED_KEY: "internal error (see console)"})
+            return x
+        return x if outcome.noise is None else outcome.noise
+
+    def _run(self, p: Any, x: torch.Tensor) -> Outcome:
+        batch = getattr(p, "iteration", 0)
+        first_pass = not getattr(p, "is_hr_pass", False)
+        if first_pass and getattr(p, "oms_last_batch", None) == batch:
+            return Outcome(None)  # already applied to this batch: OMS runs once per batch
+        sd_model = p.sd_model
+        inputs = self.adapter.batch_inputs(p, x, self.host.opts, sd_model)
+        settings = Settings.from_opts(self.host.opts)
+        loaded: list[OMSModel] = []
+
+        def load() -> OMSModel:
+            model = provide_model(
+                self._request(p.oms_args, inputs.family, settings, sd_model), self.host.cache
+            )
+            if self.host.forge_memory is not None:
+                self.host.forge_memory.load(model)
+            loaded.append(model)
+            return model
+
+        outcome = run_oms(inputs, p.oms_args, load)
+        if first_pass:
+            p.oms_last_batch = batch
+        # Forge's memory manager offloads on its own; "always" still forces it.
+        host_low_vram = self.host.kind == "a1111" and a1111.low_vram(
+            self.host.cmd_opts, inputs.family
+        )
+        if loaded and should_offload(settings, host_low_vram):
+            self.host.cache.offload()
+        _record(p, outcome.infotext, replace=first_pass)
+        if outcome.message:
+            self.host.log(outcome.message)
+        return outcome
+
+    def _request(
+        self, args: OMSArgs, family: str, settings: Settings, sd_model: Any
+    ) -> ModelRequest:
+        device = compute_device(settings, self.host.device)
+        if self.host.forge_memory is not None and settings.device == "auto":
+            device = torch.device("cpu")  # Forge's memory manager moves it (ForgeMemory.load)
+        dtype = compute_dtype(settings, compute_device(settings, self.host.device))
+        folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
+        factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
+        return ModelRequest(
+            choice=args.module,
+            family=family,
+            folders=tuple(folders),
+            device=device,
+            dtype=dtype,
+            allow_download=settings.allow_download,
+            endpoint=settings.hf_endpoint.strip() or None,
+            borrowed_encoder=factory,
+            borrowed_id=borrowed_id,
+        )
+
+    def _borrowed_encoder(
+        self, settings: Settings, family: str, sd_model: Any
+    ) -> tuple[Callable[[], Any] | None, str]:
+        """The SD2.x checkpoint's own OpenCLIP encoder (no second copy in memory), if usable."""
+        if not settings.reuse_sd2_text_encoder or family != "sd2":
+            return None, ""
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        checkpoint_id = str(
+            getattr(info, "hash", None) or getattr(info, "filename", None) or id(sd_model)
+        )
+        if self.host.kind == "forge":
+            encoder = forge.sd2_text_encoder(sd_model)
+            return (None, "") if encoder is None else ((lambda: encoder), checkpoint_id)
+        tower = a1111.sd2_text_tower(sd_model)
+        if tower is None:
+            return None, ""
+        from oms_ext.openclip_convert import wrap_openclip_tower
+
+        return (lambda: wrap_openclip_tower(tower)), checkpoint_id
+
+
+def _record(p: Any, infotext: dict[str, Any], *, replace: bool = True) -> None:
+    """Write OMS infotext entries; ``replace`` first drops the previous batch's (first pass),
+    otherwise they are added to the first pass's (hires-pass note)."""
+    params = p.extra_generation_params
+    if replace:
+        for key in _OMS_INFOTEXT_KEYS:
+            params.pop(key, None)
+    params.update(infotext)

@@ -1,0 +1,186 @@
+"""WebUI-free orchestration of one OMS step for one batch.
+
+The adapters (:mod:`oms_ext.webui.a1111`, :mod:`oms_ext.webui.forge`) turn WebUI objects into
+a :class:`BatchInputs`; :func:`run_oms` turns that, the user's :class:`OMSArgs` and a model
+loader into an :class:`Outcome`: the noise to hand back to the WebUI (or None to leave its
+noise alone), infotext entries and a console message. Failures that must not cost the user
+the image (load errors, missing downloads, out of memory, NaN/inf output, unsupported models)
+become an Outcome with a skip reason; the WebUI then samples from its own noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from oms_ext.loading import OMSLoadError, OMSModel
+from oms_ext.spaces import (
+    SamplerStart,
+    UnsupportedModelError,
+    check_model_supported,
+    needs_oms,
+    noise_for_sampler,
+    start_alpha_bar,
+)
+from oms_ext.step import oms_start
+from oms_ext.text import TextEncoderNotFound
+from oms_ext.webui.args import ALPHA_BAR_KEY, NOTE_KEY, SKIPPED_KEY, OMSArgs
+from oms_ext.webui.download import DownloadError
+from oms_ext.webui.prompts import strip_webui_syntax
+
+#: Offset mixed into the image seed for the fresh noise z, so z never equals the seed's x_S.
+FRESH_NOISE_SALT = 0x4F4D53  # "OMS"
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """Plain values describing one WebUI batch at the start of sampling.
+
+    ``noise``: the WebUI's unit Gaussian noise x_S [B, C, H, W] (seeded, variation seeds
+    already mixed in). ``start``: where the sampler starts. ``prompts``/``negative_prompts``/
+    ``seeds``: one per image. ``family``: checkpoint family ("sd1", "sd2", "sdxl", ...).
+    ``is_flow``: flow-matching model. ``pass_skip``: why this pass is not OMS's to touch
+    (hires pass, img2img), or None.
+    """
+
+    noise: torch.Tensor
+    start: SamplerStart | None
+    prompts: Sequence[str]
+    negative_prompts: Sequence[str]
+    seeds: Sequence[int]
+    family: str
+    is_flow: bool = False
+    pass_skip: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of :func:`run_oms`. ``noise`` None means: keep the WebUI's noise."""
+
+    noise: torch.Tensor | None
+    infotext: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.noise is not None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError saying "out of memory" (MPS, older torch)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom_type) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+def skipped(args: OMSArgs, reason: str) -> Outcome:
+    """An Outcome that leaves the noise alone and says why, in the console and infotext."""
+    info = args.infotext()
+    info[SKIPPED_KEY] = reason
+    return Outcome(None, info, f"[OMS] One More Step skipped: {reason}")
+
+
+def fresh_noise_seed(seed: int) -> int:
+    """Seed of the fresh noise z for an image seed (splitmix64 of seed + salt, 63 bits)."""
+    z = (int(seed) + FRESH_NOISE_SALT + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def fresh_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Unit Gaussian z [B, *shape], row i drawn on the CPU from :func:`fresh_noise_seed`
+    of ``seeds[i]``: reproducible from the image seed on any device."""
+    rows = []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed(fresh_noise_seed(seed))
+        rows.append(torch.randn(tuple(shape), generator=generator, dtype=torch.float32))
+    return torch.stack(rows)
+
+
+def oms_prompts(args: OMSArgs, image_prompts: Sequence[str]) -> list[str]:
+    """The OMS prompt per image: the user's OMS prompt, else the image's prompt as plain text."""
+    if args.prompt.strip():
+        return [args.prompt] * len(image_prompts)
+    return [strip_webui_syntax(p) for p in image_prompts]
+
+
+def _check_batch(inputs: BatchInputs) -> None:
+    batch = inputs.noise.shape[0]
+    for name in ("prompts", "seeds"):
+        count = len(getattr(inputs, name))
+        if count != batch:
+            raise ValueError(f"BatchInputs.{name}: {count} entries for a batch of {batch}")
+
+
+@torch.no_grad()
+def run_oms(inputs: BatchInputs, args: OMSArgs, load_model: Callable[[], OMSModel]) -> Outcome:
+    """One OMS step (paper Eq. 20/21) for a batch, or the reason it is skipped.
+
+    The returned noise replaces the WebUI's unit noise: after the WebUI's own scaling
+    (``* sigma0``, ``* sqrt(1 + sigma0^2)`` or none) the sampler starts from the OMS x_T in
+    its own space (:func:`oms_ext.spaces.noise_for_sampler`). It has the dtype and device of
+    ``inputs.noise``. With s = 0 ("Keep seed noise") x_T keeps the seed's noise x_S.
+    """
+    if not args.enabled:
+        return Outcome(None)
+    if inputs.pass_skip is not None:
+        info = args.infotext()
+        info[NOTE_KEY] = inputs.pass_skip
+        return Outcome(None, info, f"[OMS] {inputs.pass_skip}")
+    _check_batch(inputs)
+    try:
+        check_model_supported(inputs.noise.shape[1], inputs.is_flow, inputs.family)
+    except UnsupportedModelError as e:
+        return skipped(args, str(e))
+    if inputs.start is None:
+        return skipped(args, "the sampler's start could not be determined")
+    alpha_bar = start_alpha_bar(inputs.start)
+    if not needs_oms(alpha_bar):
+        return skipped(args, f"zero-terminal-SNR start (alpha_bar0 = {alpha_bar:.2e}) needs no OMS")
+    try:
+        model = load_model()
+        x_T = _oms_x_T(model, inputs, args, alpha_bar)
+    except (OMSLoadError, TextEncoderNotFound, DownloadError, UnsupportedModelError) as e:
+        return skipped(args, f"{type(e).__name__}: {e}")
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or is_out_of_memory(e):
+            return skipped(args, "out of memory while running the OMS module")
+        raise
+    if not bool(torch.isfinite(x_T).all()):
+        return skipped(args, "the OMS module produced NaN/inf values")
+    noise = noise_for_sampler(x_T, inputs.start).to(inputs.noise.device, inputs.noise.dtype)
+    info = args.infotext()
+    info[ALPHA_BAR_KEY] = f"{alpha_bar:.6g}"
+    where = _describe_start(inputs.start)
+    return Outcome(
+        noise, info, f"[OMS] One More Step applied: {where}, alpha_bar0 = {alpha_bar:.6g}"
+    )
+
+
+def _oms_x_T(model: OMSModel, inputs: BatchInputs, args: OMSArgs, alpha_bar: float) -> torch.Tensor:
+    """x_T in VP space (Eq. 20) from x0_hat = -psi_cfg(x_S, C) (Eq. 21), in float32 on CPU
+    or the model's device."""
+    x_S = inputs.noise.float()
+    prompts = oms_prompts(args, inputs.prompts)
+    negatives = [args.negative_prompt] * len(prompts)
+    x0_hat = model.predict_x0(x_S.to(model.device), prompts, args.cfg, negatives).float()
+    if args.fresh_noise:
+        s = math.sqrt(1.0 - alpha_bar)
+        z = fresh_noise(inputs.seeds, x_S.shape[1:]).to(x0_hat.device)
+    else:
+        s, z = 0.0, None
+    return oms_start(x0_hat, x_S.to(x0_hat.device), alpha_bar, s=s, noise=z)
+
+
+def _describe_start(start: SamplerStart) -> str:
+    if start.space == "timestep":
+        return f"timestep sampler from t = {start.t0}"
+    multiplier = ", SGM noise multiplier" if start.sgm_noise_multiplier else ""
+    return f"k-diffusion sampler from sigma = {start.sigma0:.4f}{multiplier}"
