@@ -43,7 +43,9 @@ from safetensors.torch import load_file
 CONTEXT_LENGTH = 77
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
 TEXT_ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+# Older transformers releases read the special tokens from here; newer ones no longer write it.
+TOKENIZER_OPTIONAL_FILES = ("special_tokens_map.json",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 TokenizeFn = Callable[[Sequence[str]], torch.Tensor]
@@ -376,15 +378,16 @@ def _hub_file(repo_id: str, subfolder: str, filename: str, **kwargs: Any) -> Pat
 def _hub_folder(
     repo_id: str,
     subfolder: str,
-    required: Sequence[str],
+    lookup: Lookup,
     any_of: Sequence[str],
     *,
     local_only: bool,
     cache_dir: Path | None,
     progress: bool,
 ) -> Path | None:
-    """Fetch ``required`` plus the first available of ``any_of`` from the hub (cache only when
-    ``local_only``); return the folder holding them, or None when a file is unavailable."""
+    """Fetch ``lookup.required``, the first available of ``any_of`` and whichever of
+    ``lookup.optional`` exist from the hub (cache only when ``local_only``); return the folder
+    holding them, or None when a needed file is unavailable."""
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
         disable_progress_bars,
@@ -396,7 +399,7 @@ def _hub_folder(
     if not progress:
         disable_progress_bars()
     try:
-        paths = [_hub_file(repo_id, subfolder, name, **kwargs) for name in required]
+        paths = [_hub_file(repo_id, subfolder, name, **kwargs) for name in lookup.required]
         if any_of:
             paths.append(
                 next(
@@ -406,6 +409,8 @@ def _hub_folder(
             )
         if any(path is None for path in paths):
             return None
+        for name in lookup.optional:
+            _hub_file(repo_id, subfolder, name, **kwargs)
         return paths[0].parent
     finally:
         if not progress and not was_disabled:
@@ -419,6 +424,7 @@ class Lookup:
     what: str
     required: tuple[str, ...]
     any_of: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
 
 def resolve_component_folder(
@@ -451,12 +457,12 @@ def resolve_component_folder(
         if _is_complete(folder, lookup.required, lookup.any_of):
             return folder
     hub = {"cache_dir": hf_cache_dir, "progress": progress}
-    found = _hub_folder(name, sub, lookup.required, lookup.any_of, local_only=True, **hub)
+    found = _hub_folder(name, sub, lookup, lookup.any_of, local_only=True, **hub)
     if found is not None:
         return found
     if allow_download:
         pick = (download_any_of,) if download_any_of else lookup.any_of[:1]
-        found = _hub_folder(name, sub, lookup.required, pick, local_only=False, **hub)
+        found = _hub_folder(name, sub, lookup, pick, local_only=False, **hub)
         if found is not None:
             return found
     raise TextEncoderNotFound(_not_found_message(lookup, name, sub, candidates, allow_download))
@@ -464,7 +470,8 @@ def resolve_component_folder(
 
 def _describe(lookup: Lookup) -> str:
     text = " + ".join(lookup.required)
-    return text + (f" + one of {' / '.join(lookup.any_of)}" if lookup.any_of else "")
+    text += f" + one of {' / '.join(lookup.any_of)}" if lookup.any_of else ""
+    return text + (f" (+ {', '.join(lookup.optional)})" if lookup.optional else "")
 
 
 def _not_found_message(
@@ -546,7 +553,10 @@ def _load_clip_encoder(
     )
     try:
         tok_folder = resolve_component_folder(
-            root, tokenizer, Lookup("tokenizer", TOKENIZER_FILES), **options
+            root,
+            tokenizer,
+            Lookup("tokenizer", TOKENIZER_FILES, optional=TOKENIZER_OPTIONAL_FILES),
+            **options,
         )
         tok = CLIPTokenizer.from_pretrained(str(tok_folder))
     except TextEncoderNotFound:

@@ -252,6 +252,16 @@ def test_local_pointer_to_missing_folder_names_the_folder(tmp_path) -> None:
         load_prompt_encoder(root)
 
 
+def test_tokenizer_folder_without_special_tokens_map_still_loads(tmp_path, reference) -> None:
+    root = shutil.copytree(DATA, tmp_path / "module")
+    (root / "tokenizer" / "special_tokens_map.json").unlink()
+    encoder = load_prompt_encoder(root)
+    assert torch.equal(encoder.tokenize([_PROMPT_2]), reference["text/ids/2"])
+
+
+_PROMPT_2 = "A Starry Night -- oil painting by Van Gogh; vivid blue & yellow!!"
+
+
 def test_missing_pointer_file_is_named(tmp_path) -> None:
     shutil.copy(DATA / "model_index.json", tmp_path / "model_index.json")
     with pytest.raises(TextEncoderNotFound, match="oms_text_encoder"):
@@ -355,10 +365,15 @@ def sdxl_models_dir(tmp_path_factory) -> Path:
     )
     with_projection = _random_clip(layers=2, hidden=40, seed=2, cls=CLIPTextModelWithProjection)
     with_projection.save_pretrained(repo / "text_encoder_2", safe_serialization=True)
-    CLIPTokenizer.from_pretrained(
-        str(DATA / "tokenizer"), pad_token="<|endoftext|>"
-    ).save_pretrained(repo / "tokenizer")
-    CLIPTokenizer.from_pretrained(str(DATA / "tokenizer")).save_pretrained(repo / "tokenizer_2")
+    # Like SDXL: tokenizer_2 is SD 2.1's (pad "!"), tokenizer pads with end-of-text.
+    shutil.copytree(DATA / "tokenizer", repo / "tokenizer_2")
+    shutil.copytree(DATA / "tokenizer", repo / "tokenizer")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = repo / "tokenizer" / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["pad_token"] = "<|endoftext|>"
+        data.get("added_tokens_decoder", {}).pop("0", None)
+        path.write_text(json.dumps(data), encoding="utf-8")
     return models
 
 
