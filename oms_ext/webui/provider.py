@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from oms_ext.loading import OMSModel, PromptEncoderLike, load_oms
+from oms_ext.loading import OMSModel, PromptEncoderLike, load_oms, read_header
 from oms_ext.text import ClipPromptEncoder, TextEncoderNotFound, load_clip_text_model, tokenize_fn
 from oms_ext.webui.cache import CacheKey, ModelCache
 from oms_ext.webui.download import DownloadError, download_files, missing_files, text_encoder_folder
@@ -187,6 +187,7 @@ def _load(
         return load_oms(resolved.path, device, dtype, text_encoder=request.borrowed_encoder())
     models_dir = request.folders[0]
     if resolved.path.is_file():
+        read_header(resolved.path)  # a broken file fails here, before any encoder download
         return load_oms(resolved.path, device, dtype, text_encoder=_sd21_encoder(request, download))
     try:
         return load_oms(resolved.path, device, dtype, models_dir=models_dir, allow_download=False)

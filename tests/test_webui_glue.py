@@ -1,0 +1,253 @@
+"""The OMS controller driven through stand-ins of A1111 1.6, A1111 1.10.1 and Forge f2.0.1
+(see tests/webui_standins.py): hooking, exactly-once application, the start in each sampler's
+space, skips, batches and infotext."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from oms_ext import load_oms, oms_start
+from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
+from oms_ext.webui.cache import ModelCache
+from oms_ext.webui.glue import Host, OMSController
+from tests import webui_standins as wi
+
+VERSIONS = ("1.6", "1.10", "forge")
+#: One cache for the whole file, as in the WebUI: runs reuse the loaded module.
+CACHE = ModelCache()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    wi.install_tiny_module(root / "oms")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(models_dir: Path):
+    return load_oms(models_dir / "oms" / "oms_tiny")
+
+
+def make_run(models_dir: Path, version: str, *, args=None, sgm=False, **p_kwargs):
+    """A stand-in txt2img run with the controller wired in like the script wires it."""
+    opts = SimpleNamespace(sgm_noise_multiplier=sgm)
+    log: list[str] = []
+    host = Host(
+        kind="forge" if version == "forge" else "a1111",
+        opts=opts,
+        cmd_opts=SimpleNamespace(),
+        device="cpu",
+        models_dir=models_dir,
+        extension_dir=models_dir / "ext",
+        before_every_sampling=version != "1.6",
+        log=log.append,
+        cache=CACHE,
+    )
+    script_args = args if args is not None else [True, "", "", 2.0, "oms_tiny"]
+    p_kwargs.setdefault("sampler_factory", lambda: wi.KDiffusionSampler(opts=opts))
+    p = wi.Txt2Img(version=version, **p_kwargs)
+    p.scripts = wi.ScriptRunner(OMSController(host), version, script_args)
+    return p, log
+
+
+def expected_vp_start(model, p, batch: int, cfg: float = 2.0) -> torch.Tensor:
+    """Eq. 20 with s = 0 from the batch's own seeded noise, computed directly."""
+    sampler = p.samplers[batch]
+    seeds = p.all_seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
+    prompts = p.all_prompts[batch * p.batch_size : (batch + 1) * p.batch_size]
+    x_S = wi.ImageRNG((4, p.height // 8, p.width // 8), seeds).first()
+    x0 = model.predict_x0(x_S, prompts, cfg, [""] * len(prompts))
+    return oms_start(x0, x_S, wi.start_alpha_bar_of(sampler, p.steps))
+
+
+SAMPLERS = {
+    "euler_a_karras": lambda opts: wi.KDiffusionSampler(opts=opts),
+    "euler_a_uniform": lambda opts: wi.KDiffusionSampler(scheduler="uniform", opts=opts),
+    "ddim": lambda opts: wi.CompVisSampler(wi.ddim),
+    "unipc": lambda opts: wi.CompVisSampler(wi.unipc),
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_sampler_starts_from_oms_x_T_in_its_own_space(models_dir, tiny_model, version, sampler):
+    opts = SimpleNamespace(sgm_noise_multiplier=False)
+    p, _ = make_run(models_dir, version, sampler_factory=lambda: SAMPLERS[sampler](opts))
+    wi.process_images(p)
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(got, expected_vp_start(tiny_model, p, 0), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sgm_noise_multiplier_start_matches_oms_x_T(models_dir, tiny_model, version):
+    p, _ = make_run(models_dir, version, sgm=True)
+    p.sampler_factory = lambda: wi.KDiffusionSampler(
+        opts=SimpleNamespace(sgm_noise_multiplier=True)
+    )
+    wi.process_images(p)
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(got, expected_vp_start(tiny_model, p, 0), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_per_step_noise_of_ancestral_samplers_is_untouched(models_dir, version):
+    on, _ = make_run(models_dir, version)
+    off, _ = make_run(models_dir, version, args=[False])
+    wi.process_images(on)
+    wi.process_images(off)
+    assert not torch.allclose(on.samplers[0].start_latent, off.samplers[0].start_latent)
+    for a, b in zip(on.samplers[0].step_noises, off.samplers[0].step_noises, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_oms_runs_exactly_once_per_batch(models_dir, version):
+    p, log = make_run(models_dir, version, n_iter=3, batch_size=1)
+    wi.process_images(p)
+    assert sum("applied" in line for line in log) == 3
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_batch_of_a_batch_count_run_uses_its_own_prompts(models_dir, tiny_model, version):
+    prompts = ["a dark room", "a bright beach", "a red car", "a snowy field"]
+    p, _ = make_run(models_dir, version, prompt=prompts, n_iter=2, batch_size=2)
+    wi.process_images(p)
+    for batch in (0, 1):
+        got = wi.vp_start_of(p.samplers[batch], p.steps)
+        torch.testing.assert_close(
+            got, expected_vp_start(tiny_model, p, batch), atol=2e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("version", ("1.10", "forge"))
+def test_hires_pass_is_left_alone_with_a_note(models_dir, version):
+    p, log = make_run(models_dir, version, enable_hr=True)
+    wi.process_images(p)
+    hires_rng = p.rngs[-1]
+    assert "next" not in vars(hires_rng)
+    assert "first pass only" in p.infotexts[0][NOTE_KEY]
+    assert ALPHA_BAR_KEY in p.infotexts[0]
+    assert any("hires" in line for line in log)
+
+
+def test_forge_hands_noise_over_through_modified_noise_and_leaves_x_alone(models_dir):
+    p, _ = make_run(models_dir, "forge")
+    seen = {}
+    original = p.scripts.controller.before_every_sampling
+
+    def spy(p_, x):
+        before = x.clone()
+        original(p_, x)
+        seen["x_unchanged"] = torch.equal(before, x)
+        seen["modified"] = p_.modified_noise is not None
+
+    p.scripts.controller.before_every_sampling = spy
+    wi.process_images(p)
+    assert seen == {"x_unchanged": True, "modified": True}
+    assert p.modified_noise is None
+
+
+def test_img2img_is_left_alone_with_a_note(models_dir):
+    opts = SimpleNamespace(sgm_noise_multiplier=False)
+    p = wi.Img2Img(version="1.10", sampler_factory=lambda: wi.KDiffusionSampler(opts=opts))
+    _, log = make_run(models_dir, "1.10")
+    host = Host(
+        "a1111", opts, SimpleNamespace(), "cpu", models_dir, models_dir, True, log.append, CACHE
+    )
+    p.scripts = wi.ScriptRunner(OMSController(host), "1.10", [True, "", "", 2.0, "oms_tiny"])
+    wi.process_images(p)
+    assert "img2img" in p.infotexts[0][NOTE_KEY]
+    assert ALPHA_BAR_KEY not in p.infotexts[0]
+
+
+def test_flux_on_forge_is_skipped_with_the_reason_in_infotext(models_dir):
+    sd_model = wi.forge_sd_model(wi.PredictionFlux(), is_sd1=False)
+    p, log = make_run(models_dir, "forge", sd_model=sd_model)
+    wi.process_images(p)
+    assert "flow-matching" in p.infotexts[0][SKIPPED_KEY]
+    assert p.samplers[0].start_latent is not None
+    assert any("skipped" in line for line in log)
+
+
+class _ZeroTerminalSNRSampler(wi.KDiffusionSampler):
+    def get_sigmas(self, p, steps):
+        return torch.tensor([4500.0, 10.0, 1.0, 0.1, 0.0])
+
+
+def test_zero_terminal_snr_start_is_left_alone(models_dir):
+    on, _ = make_run(models_dir, "1.10", sampler_factory=_ZeroTerminalSNRSampler)
+    off, _ = make_run(models_dir, "1.10", args=[False], sampler_factory=_ZeroTerminalSNRSampler)
+    wi.process_images(on)
+    wi.process_images(off)
+    assert "zero-terminal-SNR" in on.infotexts[0][SKIPPED_KEY]
+    torch.testing.assert_close(on.samplers[0].start_latent, off.samplers[0].start_latent)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_load_error_skips_oms_and_the_image_is_still_sampled(models_dir, version, tmp_path):
+    (tmp_path / "oms").mkdir()
+    (tmp_path / "oms" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    p, _ = make_run(tmp_path, version, args=[True, "", "", 2.0, "broken"])
+    wi.process_images(p)
+    assert "OMSLoadError" in p.infotexts[0][SKIPPED_KEY]
+    assert p.samplers[0].start_latent is not None
+
+
+def test_disabled_oms_leaves_noise_and_infotext_alone(models_dir):
+    p, log = make_run(models_dir, "1.10", args=[False])
+    wi.process_images(p)
+    expected = wi.ImageRNG((4, 8, 8), p.all_seeds[:2]).first() * p.samplers[0].get_sigmas(p, 4)[0]
+    torch.testing.assert_close(p.samplers[0].start_latent, expected)
+    assert p.infotexts[0] == {}
+    assert log == []
+
+
+def test_infotext_records_marker_version_alpha_bar_and_non_defaults(models_dir):
+    p, _ = make_run(models_dir, "1.10", args=[True, "dark", "", 3.0, "oms_tiny"])
+    wi.process_images(p)
+    info = p.infotexts[0]
+    assert info[ENABLED_KEY] == "True"
+    assert info["OMS prompt"] == "dark" and info["OMS CFG"] == 3.0
+    assert info["OMS module"] == "oms_tiny"
+    assert "OMS negative prompt" not in info and "OMS noise mode" not in info
+    assert abs(float(info[ALPHA_BAR_KEY]) - wi.start_alpha_bar_of(p.samplers[0], p.steps)) < 1e-6
+
+
+def test_xyz_override_on_p_replaces_the_ui_value(models_dir, tiny_model):
+    p, _ = make_run(models_dir, "1.10")
+    p.oms_cfg = 5.0
+    wi.process_images(p)
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(
+        got, expected_vp_start(tiny_model, p, 0, cfg=5.0), atol=2e-5, rtol=1e-4
+    )
+
+
+def test_api_dict_argument_is_accepted(models_dir, tiny_model):
+    p, _ = make_run(models_dir, "1.10", args=[{"enabled": True, "cfg": 2.0, "module": "oms_tiny"}])
+    wi.process_images(p)
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(got, expected_vp_start(tiny_model, p, 0), atol=2e-5, rtol=1e-4)
+
+
+def test_fresh_noise_mode_is_reproducible_from_the_seed(models_dir):
+    args = [True, "", "", 2.0, "oms_tiny", "Fresh noise"]
+    a, _ = make_run(models_dir, "1.10", args=args)
+    b, _ = make_run(models_dir, "1.10", args=args)
+    keep, _ = make_run(models_dir, "1.10")
+    for p in (a, b, keep):
+        wi.process_images(p)
+    torch.testing.assert_close(a.samplers[0].start_latent, b.samplers[0].start_latent)
+    assert not torch.allclose(a.samplers[0].start_latent, keep.samplers[0].start_latent)
+
+
+def test_unfired_rng_hook_is_removed_after_the_batch(models_dir):
+    p, _ = make_run(models_dir, "1.6")
+    p.sample = lambda: torch.zeros(1)  # an interrupted batch never draws its noise
+    wi.process_images(p)
+    assert "next" not in vars(p.rngs[0])

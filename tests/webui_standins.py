@@ -1,0 +1,302 @@
+"""Stand-ins for the WebUI objects the OMS glue touches, mirroring their attributes and the
+order in which the WebUIs call things. Each class names the WebUI version it mirrors.
+
+Only what the glue reads or calls is reproduced; sampling itself is replaced by recording
+the latent the sampler starts from (after the WebUI's own noise scaling) and the per-step
+noise draws an ancestral sampler makes from ``p.rng``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from oms_ext.schedules import karras_sigmas, sd_alphas_cumprod
+
+
+def model_sigmas() -> torch.Tensor:
+    """SD's discrete sigmas, ascending [1000] (k-diffusion ``model_wrap.sigmas``)."""
+    ac = sd_alphas_cumprod().double()
+    return ((1 - ac) / ac).sqrt()
+
+
+class ImageRNG:
+    """A1111 1.6-1.10.1 / Forge ``modules.rng.ImageRNG``: one CPU generator per seed; the first
+    ``next()`` is the seeded batch noise (``first()``), later calls draw per-step noise from
+    the same generators. Variation seeds and seed resizing are left out (the glue never sees
+    them: it only receives the tensor)."""
+
+    def __init__(self, shape: tuple[int, ...], seeds: list[int], subseeds=None, **_: Any):
+        self.shape = tuple(shape)
+        self.seeds = seeds
+        self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        self.is_first = True
+        self.draws = 0
+
+    def first(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+    def next(self) -> torch.Tensor:
+        self.draws += 1
+        if self.is_first:
+            self.is_first = False
+            return self.first()
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Stand-in k-diffusion function (name and parameters as k-diffusion's)."""
+
+
+def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
+    """Stand-in for sd_samplers_timesteps_impl.ddim."""
+
+
+def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_img2img=False):
+    """Stand-in for sd_samplers_timesteps_impl.unipc."""
+
+
+class KDiffusionSampler:
+    """A1111 1.10.1 ``sd_samplers_kdiffusion.KDiffusionSampler`` (Forge f2 has the same
+    ``get_sigmas``/``sample`` shape). ``sample`` scales the noise like the WebUI
+    (``x * sigmas[0]`` or ``x * sqrt(1 + sigmas[0]^2)`` with the SGM multiplier), records the
+    start latent, and for ancestral samplers draws ``steps`` per-step noises from ``p.rng``
+    (A1111's TorchHijack)."""
+
+    def __init__(self, func=sample_euler_ancestral, scheduler: str = "karras", opts=None):
+        self.funcname = func.__name__
+        self.func = func
+        self.scheduler = scheduler
+        self.opts = opts
+        self.model_wrap = SimpleNamespace(sigmas=model_sigmas())
+        self.start_latent: torch.Tensor | None = None
+        self.step_noises: list[torch.Tensor] = []
+
+    def get_sigmas(self, p, steps: int) -> torch.Tensor:
+        sig = self.model_wrap.sigmas
+        if self.scheduler == "karras":
+            return karras_sigmas(steps, float(sig[0]), float(sig[-1])).float()
+        # "Automatic" for Euler a: the model's own uniform spacing
+        idx = torch.linspace(len(sig) - 1, 0, steps)
+        return torch.cat([sig[idx.round().long()], torch.zeros(1, dtype=sig.dtype)]).float()
+
+    def sample(self, p, x, conditioning=None, unconditional_conditioning=None, **_: Any):
+        sigmas = self.get_sigmas(p, p.steps)
+        if getattr(self.opts, "sgm_noise_multiplier", False):
+            x = x * torch.sqrt(1.0 + sigmas[0] ** 2.0)
+        else:
+            x = x * sigmas[0]
+        self.start_latent = x.clone()
+        if "ancestral" in self.funcname:
+            self.step_noises = [p.rng.next() for _ in range(p.steps)]
+        return x
+
+
+class CompVisSampler:
+    """A1111 1.10.1 / Forge ``sd_samplers_timesteps.CompVisSampler`` (DDIM, PLMS, UniPC):
+    ``get_timesteps`` = ``range(0, 1000, 1000 // steps) + 1`` clipped to 999; samples from the
+    unit noise as is."""
+
+    def __init__(self, func=ddim):
+        self.funcname = func.__name__
+        self.func = func
+        self.model_wrap = SimpleNamespace(
+            inner_model=SimpleNamespace(alphas_cumprod=sd_alphas_cumprod())
+        )
+        self.start_latent: torch.Tensor | None = None
+
+    def get_timesteps(self, p, steps: int) -> torch.Tensor:
+        return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+
+    def sample(self, p, x, conditioning=None, unconditional_conditioning=None, **_: Any):
+        self.start_latent = x.clone()
+        return x
+
+
+@dataclass
+class SDModel:
+    """A1111 1.10.1 ``sd_model`` flags (``is_sd1``, ``is_sd2``, ``is_sdxl``, ``is_sd3``,
+    ``parameterization``) plus, for Forge f2, ``forge_objects.unet.model.predictor``."""
+
+    is_sd1: bool = True
+    is_sd2: bool = False
+    is_sdxl: bool = False
+    is_sd3: bool = False
+    parameterization: str = "eps"
+    forge_objects: Any = None
+
+
+class PredictionFlux:
+    """Forge f2 ``backend.modules.k_prediction.PredictionFlux`` (prediction_type "const")."""
+
+    prediction_type = "const"
+
+
+class Prediction:
+    """Forge f2 ``backend.modules.k_prediction.Prediction`` (eps or v_prediction)."""
+
+    def __init__(self, prediction_type: str = "epsilon"):
+        self.prediction_type = prediction_type
+        self.sigmas = model_sigmas().float()
+
+
+def forge_sd_model(pred: Any, **flags: bool) -> SDModel:
+    unet = SimpleNamespace(model=SimpleNamespace(predictor=pred))
+    return SDModel(forge_objects=SimpleNamespace(unet=unet), **flags)
+
+
+class ScriptRunner:
+    """``modules.scripts.ScriptRunner`` calling one script. ``version`` selects the callbacks
+    the WebUI has: "1.6" (no process_before_every_sampling), "1.10" and "forge" (with it)."""
+
+    def __init__(self, controller, version: str, script_args: list[Any]):
+        self.controller = controller
+        self.version = version
+        self.script_args = script_args
+        if version in ("1.10", "forge"):
+            self.process_before_every_sampling = self._before_every_sampling
+
+    def process(self, p):
+        self.controller.process(p, self.script_args)
+
+    def before_process_batch(self, p, **kwargs):
+        pass
+
+    def process_batch(self, p, **kwargs):
+        self.controller.process_batch(p)
+
+    def _before_every_sampling(self, p, x, noise, c=None, uc=None):
+        self.controller.before_every_sampling(p, x)
+
+    def postprocess_batch(self, p, images, **kwargs):
+        self.controller.postprocess_batch(p)
+
+
+@dataclass
+class Txt2Img:
+    """A1111 1.10.1 ``StableDiffusionProcessingTxt2Img`` (the attributes the glue reads),
+    with ``sample()`` following the order of 1.6 (``version="1.6"``: create sampler, first
+    ``rng.next()``, sample), 1.10.1 (then ``process_before_every_sampling(x=...)`` before
+    sampling, x edited in place) or Forge f2.0.1 (hook, then ``p.modified_noise`` read once
+    and reset). With ``enable_hr`` the hires pass sets ``is_hr_pass``, makes a new ImageRNG
+    and calls the hook again (twice on Forge)."""
+
+    prompt: str = "a photo of a cat"
+    negative_prompt: str = ""
+    seed: int = 1000
+    steps: int = 4
+    batch_size: int = 2
+    n_iter: int = 1
+    width: int = 64
+    height: int = 64
+    enable_hr: bool = False
+    version: str = "1.10"
+    sampler_factory: Any = None
+    sd_model: SDModel = field(default_factory=SDModel)
+    is_hr_pass: bool = False
+    modified_noise: Any = None
+    extra_generation_params: dict = field(default_factory=dict)
+    samplers: list = field(default_factory=list)
+    rngs: list = field(default_factory=list)
+    infotexts: list = field(default_factory=list)
+    scripts: Any = None
+
+    def sample(self) -> torch.Tensor:
+        self.sampler = self.sampler_factory()
+        self.samplers.append(self.sampler)
+        x = self.rng.next()
+        if self.version != "1.6":
+            self.scripts.process_before_every_sampling(self, x=x, noise=x)
+        if self.version == "forge" and self.modified_noise is not None:
+            x = self.modified_noise
+            self.modified_noise = None
+        samples = self.sampler.sample(self, x)
+        if self.enable_hr:
+            self.is_hr_pass = True
+            self.rng = ImageRNG(samples.shape[1:], self.seeds)
+            self.rngs.append(self.rng)
+            noise = self.rng.next()
+            calls = 2 if self.version == "forge" else (1 if self.version == "1.10" else 0)
+            for _ in range(calls):
+                self.scripts.process_before_every_sampling(self, x=samples, noise=noise)
+            if self.version == "forge":
+                self.modified_noise = None
+            self.is_hr_pass = False
+        return samples
+
+
+def process_images(p: Txt2Img) -> None:
+    """``modules.processing.process_images_inner`` (A1111 1.6-1.10.1, Forge): per batch the
+    prompt/seed slices, a new ``p.rng``, before_process_batch, process_batch, sample,
+    postprocess_batch, then the batch's infotext from ``extra_generation_params``."""
+    p.all_prompts = (
+        [p.prompt] * (p.batch_size * p.n_iter) if isinstance(p.prompt, str) else p.prompt
+    )
+    p.all_negative_prompts = [p.negative_prompt] * len(p.all_prompts)
+    p.all_seeds = [p.seed + i for i in range(len(p.all_prompts))]
+    p.scripts.process(p)
+    for n in range(p.n_iter):
+        p.iteration = n
+        sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+        p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]
+        p.seeds = p.all_seeds[sl]
+        p.rng = ImageRNG((4, p.height // 8, p.width // 8), p.seeds)
+        p.rngs.append(p.rng)
+        p.scripts.before_process_batch(p)
+        p.scripts.process_batch(p)
+        samples = p.sample()
+        p.scripts.postprocess_batch(p, samples)
+        p.infotexts.append(dict(p.extra_generation_params))
+
+
+@dataclass
+class Img2Img(Txt2Img):
+    """A1111/Forge ``StableDiffusionProcessingImg2Img``: has ``init_images``."""
+
+    init_images: list = field(default_factory=list)
+
+
+def start_alpha_bar_of(sampler: Any, steps: int) -> float:
+    """The VP alpha_bar where the stand-in sampler starts (test oracle, from WebUI facts)."""
+    if isinstance(sampler, CompVisSampler):
+        t0 = 999 if sampler.funcname == "unipc" else int(sampler.get_timesteps(None, steps)[-1])
+        return float(sampler.model_wrap.inner_model.alphas_cumprod[t0])
+    sigma = float(sampler.get_sigmas(None, steps)[0])
+    return 1.0 / (1.0 + sigma * sigma)
+
+
+def vp_start_of(sampler: Any, steps: int) -> torch.Tensor:
+    """The recorded start latent in VP space (x_vp = x_kd * sqrt(abar) for k-diffusion)."""
+    if isinstance(sampler, CompVisSampler):
+        return sampler.start_latent
+    return sampler.start_latent * math.sqrt(start_alpha_bar_of(sampler, steps))
+
+
+TINY_MODULE = Path(__file__).resolve().parent / "data" / "oms-tiny"
+_TINY_PARTS = (
+    "model_index.json",
+    "oms_module",
+    "oms_text_encoder",
+    "oms_tokenizer",
+    "text_encoder",
+    "tokenizer",
+)
+
+
+def install_tiny_module(models_dir: Path, name: str = "oms_tiny") -> Path:
+    """Copy the tiny OMS test module (released layout, 32-d text) to ``models_dir/name``."""
+    target = models_dir / name
+    target.mkdir(parents=True)
+    for part in _TINY_PARTS:
+        src = TINY_MODULE / part
+        if src.is_dir():
+            shutil.copytree(src, target / part)
+        else:
+            shutil.copy2(src, target / part)
+    return target
