@@ -1,0 +1,112 @@
+"""OMSArgs, the field table, infotext round trips and prompt-syntax stripping."""
+
+from __future__ import annotations
+
+import pytest
+
+from oms_ext.webui.args import (
+    ENABLED_KEY,
+    FIELDS,
+    NOISE_FRESH,
+    VERSION_KEY,
+    OMSArgs,
+    OMSArgsError,
+    args_from_infotext,
+)
+from oms_ext.webui.prompts import strip_webui_syntax
+
+
+def test_field_table_covers_every_args_attribute_once():
+    assert [f.attr for f in FIELDS] == list(OMSArgs().to_dict())
+    labels = [f.label for f in FIELDS]
+    assert len(set(labels)) == len(labels)
+    assert all(label.startswith("OMS") for label in labels)
+
+
+def test_positional_values_follow_the_ui_order_and_missing_ones_take_defaults():
+    args = OMSArgs.from_values([True, "dark", "", 3.0])
+    assert args == OMSArgs(enabled=True, prompt="dark", cfg=3.0)
+
+
+def test_too_many_positional_values_are_rejected():
+    with pytest.raises(OMSArgsError, match="at most"):
+        OMSArgs.from_values([True, "", "", 2.0, "Auto", "Keep seed noise", "extra"])
+
+
+def test_dict_argument_is_read_by_name():
+    assert OMSArgs.from_values([{"enabled": True, "cfg": 2}]) == OMSArgs(enabled=True, cfg=2.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"cfgg": 2.0}, "cfgg"),
+        ({"cfg": 99.0}, "cfg"),
+        ({"cfg": "high"}, "cfg"),
+        ({"enabled": "maybe"}, "enabled"),
+        ({"noise_mode": "loud"}, "noise_mode"),
+        ({"prompt": 3}, "prompt"),
+        ({"module": ""}, "module"),
+    ],
+)
+def test_invalid_dict_values_raise_an_error_naming_the_field(data, field):
+    with pytest.raises(OMSArgsError, match=field):
+        OMSArgs.from_dict(data)
+
+
+def test_infotext_has_marker_version_and_only_non_defaults():
+    info = OMSArgs(enabled=True, cfg=3.5, noise_mode=NOISE_FRESH).infotext()
+    assert info.pop(ENABLED_KEY) == "True"
+    assert info.pop(VERSION_KEY)
+    assert info == {"OMS CFG": 3.5, "OMS noise mode": NOISE_FRESH}
+
+
+def test_disabled_args_write_no_infotext():
+    assert OMSArgs(cfg=3.0).infotext() == {}
+
+
+def test_infotext_round_trips_through_paste():
+    args = OMSArgs(
+        enabled=True,
+        prompt="red car",
+        negative_prompt="blue",
+        cfg=4.0,
+        module="oms_b_openclip_xl",
+        noise_mode=NOISE_FRESH,
+    )
+    pasted = {k: str(v) for k, v in args.infotext().items()}  # parsed infotext is strings
+    assert args_from_infotext(pasted) == args
+
+
+def test_pasting_infotext_without_the_oms_key_turns_oms_off():
+    assert args_from_infotext({"Steps": "20", "OMS CFG": "3"}).enabled is False
+
+
+def test_unreadable_pasted_values_fall_back_to_defaults():
+    args = args_from_infotext({ENABLED_KEY: "True", "OMS CFG": "lots"})
+    assert args == OMSArgs(enabled=True)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "plain"),
+    [
+        ("a (red:1.2) car, ((masterpiece)), [blurry]", "a red car, masterpiece, blurry"),
+        (r"\(foo\) bar \[baz\]", "(foo) bar [baz]"),
+        ("cat BREAK dog", "cat, dog"),
+        ("<lora:x:0.8> a photo <lyco:y> of <hypernet:z:1> a cat", "a photo of a cat"),
+        ("[cat:dog:0.5] in [snow::10], [hat:3]", "cat in snow"),
+        ("[x:y:0] hat", "y hat"),
+        ("[a|b|c] house", "a house"),
+        ("cat :1.2 AND dog:0.5", "cat, dog"),
+        ("((a:1.1), [b:c:0.3]:1.3)", "a, b"),
+        ("a (b", "a (b"),
+        ("(time: noon)", "time: noon"),
+        ("(ratio 16:9)", "ratio 16"),  # the WebUI reads 9 as the weight too
+    ],
+)
+def test_webui_syntax_is_rendered_as_plain_text(prompt, plain):
+    assert strip_webui_syntax(prompt) == plain
+
+
+def test_prompt_editing_renders_the_prompt_of_the_first_step():
+    assert strip_webui_syntax("a [forest:city:0.3] at [night:day:0]") == "a forest at day"

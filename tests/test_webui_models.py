@@ -1,0 +1,305 @@
+"""Module registry, verified downloads, the model cache, model provision and the runner's
+failure handling (OOM, NaN)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from oms_ext.spaces import SamplerStart, UnsupportedModelError
+from oms_ext.webui.args import SKIPPED_KEY, OMSArgs
+from oms_ext.webui.cache import CacheKey, ModelCache
+from oms_ext.webui.download import DownloadError, RemoteFile, download_files, missing_files
+from oms_ext.webui.provider import ModelRequest, Settings, provide_model
+from oms_ext.webui.registry import (
+    AUTO_MODULE,
+    MODULE_FILES,
+    module_choices,
+    resolve_module,
+    scan_modules,
+)
+from oms_ext.webui.runner import BatchInputs, fresh_noise, fresh_noise_seed, run_oms
+from tests import webui_standins as wi
+
+TINY = wi.TINY_MODULE
+
+
+def _pointer(cls: str, subfolder: str) -> bytes:
+    """A released module's pointer file naming SD 2.1's hub repo (as the real ones do)."""
+    data = {
+        "_class_name": cls,
+        "_name_or_path": "stabilityai/stable-diffusion-2-1",
+        "subfolder": subfolder,
+    }
+    return json.dumps(data).encode()
+
+
+#: What the fake hub serves: the tiny fixture in the released layout (weights as .fp16).
+HUB_SOURCE = {
+    "model_index.json": TINY / "model_index.json",
+    "oms_module/config.json": TINY / "oms_module" / "config.json",
+    "oms_module/diffusion_pytorch_model.fp16.safetensors": TINY
+    / "oms_module"
+    / "diffusion_pytorch_model.safetensors",
+    "oms_text_encoder/config.json": _pointer("CLIPTextModel", "text_encoder"),
+    "oms_tokenizer/config.json": _pointer("CLIPTokenizer", "tokenizer"),
+    "text_encoder/config.json": TINY / "text_encoder" / "config.json",
+    "text_encoder/model.fp16.safetensors": TINY / "text_encoder" / "model.safetensors",
+    **{f"tokenizer/{p.name}": p for p in (TINY / "tokenizer").iterdir()},
+}
+
+
+def _served(name: str) -> bytes:
+    source = HUB_SOURCE[name]
+    return source if isinstance(source, bytes) else source.read_bytes()
+
+
+class FakeHub:
+    """Serves fixture files like huggingface_hub; ``broken`` files arrive truncated."""
+
+    def __init__(self, broken: tuple[str, ...] = (), offline: bool = False):
+        self.broken = broken
+        self.offline = offline
+        self.fetched: list[str] = []
+
+    def fetch(self, repo_id, filename, dest_dir, endpoint):
+        if self.offline:
+            raise OSError("offline mode is enabled")
+        self.fetched.append(filename)
+        dest = dest_dir / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data = _served(filename)
+        dest.write_bytes(data[: len(data) // 2] if filename in self.broken else data)
+        return dest
+
+    def describe(self, repo_id, filenames, endpoint):
+        out = {}
+        for name in filenames:
+            data = _served(name)
+            out[name] = RemoteFile(len(data), hashlib.sha256(data).hexdigest())
+        return out
+
+
+def download(hub: FakeHub, target: Path, describe=True):
+    return download_files(
+        "h1t/oms_b_openclip_15_21",
+        MODULE_FILES,
+        target,
+        fetch=hub.fetch,
+        describe=hub.describe if describe else (lambda *a: {}),
+        log=lambda _: None,
+    )
+
+
+def test_auto_picks_the_module_of_the_checkpoint_family(tmp_path):
+    assert resolve_module(AUTO_MODULE, "sd2", [tmp_path]).name == "oms_b_openclip_15_21"
+    assert resolve_module(AUTO_MODULE, "sdxl", [tmp_path]).name == "oms_b_openclip_xl"
+
+
+def test_auto_on_an_unsupported_family_says_so(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="sd3"):
+        resolve_module(AUTO_MODULE, "sd3", [tmp_path])
+
+
+def test_a_known_module_for_the_wrong_family_is_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="sdxl"):
+        resolve_module("oms_b_openclip_xl", "sd1", [tmp_path])
+
+
+def test_missing_known_module_resolves_to_the_first_models_folder(tmp_path):
+    resolved = resolve_module(AUTO_MODULE, "sd1", [tmp_path / "a", tmp_path / "b"])
+    assert resolved.path == tmp_path / "a" / "oms_b_openclip_15_21"
+    assert not resolved.present
+
+
+def test_scan_finds_module_folders_and_single_files_first_folder_winning(tmp_path):
+    wi.install_tiny_module(tmp_path / "a", "mine")
+    (tmp_path / "b").mkdir()
+    shutil.copy(
+        TINY / "oms_module" / "diffusion_pytorch_model.safetensors",
+        tmp_path / "b" / "mine.safetensors",
+    )
+    shutil.copy(
+        TINY / "oms_module" / "diffusion_pytorch_model.safetensors",
+        tmp_path / "b" / "other.safetensors",
+    )
+    (tmp_path / "b" / "notes.txt").write_text("x")
+    found = scan_modules([tmp_path / "a", tmp_path / "b", tmp_path / "missing"])
+    assert [(m.name, m.path.parent.name) for m in found] == [("mine", "a"), ("other", "b")]
+    assert module_choices(found)[-2:] == ["mine", "other"]
+    assert module_choices(found)[0] == AUTO_MODULE
+
+
+def test_unknown_module_name_lists_what_is_available(tmp_path):
+    with pytest.raises(ValueError, match="oms_b_openclip_xl"):
+        resolve_module("nope", "sd1", [tmp_path])
+
+
+def test_download_fetches_only_missing_files_and_verifies_them(tmp_path):
+    target = tmp_path / "oms" / "m"
+    (target / "oms_module").mkdir(parents=True)
+    shutil.copy(TINY / "model_index.json", target / "model_index.json")
+    hub = FakeHub()
+    download(hub, target)
+    assert "model_index.json" not in hub.fetched
+    assert missing_files(target, MODULE_FILES) == []
+    assert not [p for p in target.parent.iterdir() if "partial" in p.name]
+
+
+def test_a_file_failing_verification_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "m"
+    broken = ("oms_module/diffusion_pytorch_model.fp16.safetensors",)
+    with pytest.raises(DownloadError, match="bytes"):
+        download(FakeHub(broken=broken), target)
+    assert missing_files(target, MODULE_FILES) == list(MODULE_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_without_hub_hashes_a_truncated_safetensors_file_is_caught(tmp_path):
+    broken = ("oms_module/diffusion_pytorch_model.fp16.safetensors",)
+    with pytest.raises(DownloadError, match="safetensors"):
+        download(FakeHub(broken=broken), tmp_path / "m", describe=False)
+
+
+def test_offline_error_names_repo_files_and_target_folder(tmp_path):
+    target = tmp_path / "m"
+    with pytest.raises(DownloadError) as err:
+        download(FakeHub(offline=True), target)
+    text = str(err.value)
+    assert "h1t/oms_b_openclip_15_21" in text and str(target) in text
+    assert "oms_module/diffusion_pytorch_model.fp16.safetensors" in text
+
+
+def test_missing_known_module_and_its_text_encoder_are_downloaded_then_loaded(tmp_path):
+    hub = FakeHub()
+    request = ModelRequest(
+        AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32, allow_download=True
+    )
+    fetch = lambda repo, files, target, endpoint: download_files(  # noqa: E731
+        repo, files, target, fetch=hub.fetch, describe=hub.describe, log=lambda _: None
+    )
+    model = provide_model(request, ModelCache(), download=fetch)
+    assert model.cross_attention_dim == 32
+    assert (tmp_path / "oms_b_openclip_15_21" / "oms_module" / "config.json").is_file()
+    assert (
+        tmp_path / "stabilityai--stable-diffusion-2-1" / "text_encoder" / "config.json"
+    ).is_file()
+
+
+def test_missing_module_with_downloads_off_names_the_files_to_fetch(tmp_path):
+    request = ModelRequest(AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32)
+    with pytest.raises(DownloadError, match="downloading is off"):
+        provide_model(request, ModelCache())
+
+
+class _FakeModel:
+    def __init__(self, name: str):
+        self.name = name
+        self.moves: list[str] = []
+        self._device = torch.device("cpu")
+
+    @property
+    def device(self):
+        return self._device
+
+    def to(self, device=None, dtype=None):
+        self.moves.append(str(device))
+        self._device = torch.device(device)
+        return self
+
+
+def test_cache_reuses_the_model_for_the_same_key_and_replaces_it_for_another():
+    cache, loads = ModelCache(), []
+    key = CacheKey("m", "cpu", "float32", "module")
+
+    def load(name):
+        loads.append(name)
+        return _FakeModel(name)
+
+    first = cache.get(key, lambda: load("a"))
+    assert cache.get(key, lambda: load("b")) is first
+    other = cache.get(CacheKey("m", "cpu", "float16", "module"), lambda: load("c"))
+    assert other.name == "c" and loads == ["a", "c"]
+
+
+def test_offloaded_model_returns_to_its_device_on_next_use():
+    cache = ModelCache()
+    key = CacheKey("m", "meta", "float16", "module")
+    model = cache.get(key, lambda: _FakeModel("a"))
+    cache.offload()
+    assert model.device.type == "cpu"
+    cache.get(key, lambda: _FakeModel("b"))
+    assert model.device.type == "meta"
+
+
+def test_settings_fall_back_to_defaults_when_absent_or_invalid():
+    assert Settings.from_opts(SimpleNamespace()) == Settings()
+    assert Settings.from_opts(SimpleNamespace(oms_dtype="fp8", oms_offload="always")) == Settings(
+        offload="always"
+    )
+
+
+def _inputs(**kwargs) -> BatchInputs:
+    values = dict(
+        noise=torch.randn(1, 4, 8, 8),
+        start=SamplerStart.from_sigmas([14.6146, 0.0]),
+        prompts=["a cat"],
+        negative_prompts=[""],
+        seeds=[1],
+        family="sd1",
+    )
+    values.update(kwargs)
+    return BatchInputs(**values)
+
+
+class _NaNModel:
+    device = torch.device("cpu")
+
+    def predict_x0(self, x_S, prompts, cfg, negatives):
+        return torch.full_like(x_S, float("nan"))
+
+
+def test_nan_output_skips_oms_for_the_batch():
+    outcome = run_oms(_inputs(), OMSArgs(enabled=True), _NaNModel)
+    assert outcome.noise is None and "NaN" in outcome.infotext[SKIPPED_KEY]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("MPS backend out of memory")],
+)
+def test_out_of_memory_skips_oms_for_the_batch(error):
+    def load():
+        raise error
+
+    outcome = run_oms(_inputs(), OMSArgs(enabled=True), load)
+    assert outcome.noise is None and "out of memory" in outcome.infotext[SKIPPED_KEY]
+
+
+def test_other_runtime_errors_are_not_swallowed():
+    def load():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_oms(_inputs(), OMSArgs(enabled=True), load)
+
+
+def test_16_channel_latents_are_skipped_with_the_reason():
+    outcome = run_oms(
+        _inputs(noise=torch.randn(1, 16, 8, 8), family="sd3"), OMSArgs(enabled=True), _NaNModel
+    )
+    assert "16 channels" in outcome.infotext[SKIPPED_KEY]
+
+
+def test_fresh_noise_is_seeded_from_the_image_seed_and_differs_from_the_seed_noise():
+    z = fresh_noise([5, 6], (4, 8, 8))
+    torch.testing.assert_close(z, fresh_noise([5, 6], (4, 8, 8)))
+    x_S = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(z[0], x_S)
+    assert fresh_noise_seed(5) != fresh_noise_seed(6)
