@@ -1,0 +1,129 @@
+"""One More Step (OMS, arXiv 2311.15744) for AUTOMATIC1111 (v1.6+) and the Forge family.
+
+A thin AlwaysOn script: it gathers the WebUI's objects into an ``oms_ext.webui.glue.Host``
+and forwards its callbacks to ``OMSController``; all logic lives in ``oms_ext``.
+
+API: ``/sdapi/v1/txt2img`` with ``"alwayson_scripts": {"one more step": {"args": [...]}}``,
+positional args in the UI order ``[enabled, prompt, negative_prompt, cfg, module,
+noise_mode]`` (missing trailing ones take the defaults), or a single named dict such as
+``{"enabled": true, "cfg": 2.0}``. ``GET /oms/v1/version`` and ``/oms/v1/schema`` describe it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gradio as gr
+from modules import devices, script_callbacks, scripts, shared
+
+from oms_ext import __version__
+from oms_ext.webui import a1111, forge
+from oms_ext.webui.args import FIELDS, NOISE_MODES, OMSArgs
+from oms_ext.webui.glue import Host, OMSController
+from oms_ext.webui.provider import Settings, models_folders
+from oms_ext.webui.registry import module_choices, scan_modules
+from oms_ext.webui.ui import TITLE, build_ui, register_settings, register_xyz_axes
+
+EXTENSION_DIR = Path(__file__).resolve().parents[1]
+IS_FORGE = importlib.util.find_spec("modules_forge") is not None
+
+
+def _models_dir() -> Path:
+    from modules import paths
+
+    return Path(paths.models_path)
+
+
+def _choices() -> list[str]:
+    settings = Settings.from_opts(shared.opts)
+    return module_choices(scan_modules(models_folders(settings, _models_dir(), EXTENSION_DIR)))
+
+
+def _input_accordion():
+    try:
+        from modules.ui_components import InputAccordion
+    except ImportError:  # A1111 < 1.7
+        return None
+    return InputAccordion
+
+
+def _make_host() -> Host:
+    return Host(
+        kind="forge" if IS_FORGE else "a1111",
+        opts=shared.opts,
+        cmd_opts=shared.cmd_opts,
+        device=devices.device,
+        models_dir=_models_dir(),
+        extension_dir=EXTENSION_DIR,
+        before_every_sampling=IS_FORGE or a1111.has_before_every_sampling(scripts.ScriptRunner),
+        forge_memory=forge.ForgeMemory() if IS_FORGE else None,
+    )
+
+
+class OneMoreStepScript(scripts.Script):
+    def __init__(self) -> None:
+        super().__init__()
+        self.controller: OMSController | None = None
+
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool):
+        return False if is_img2img else scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool):
+        built = build_ui(gr, _input_accordion(), _choices, __version__)
+        self.infotext_fields = built.infotext_fields
+        self.paste_field_names = [f.label for f in FIELDS]
+        return built.inputs
+
+    def _control(self) -> OMSController:
+        if self.controller is None:
+            self.controller = OMSController(_make_host())
+        return self.controller
+
+    def process(self, p, *args) -> None:
+        self._control().process(p, args)
+
+    def process_batch(self, p, *args, **kwargs) -> None:
+        self._control().process_batch(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+        x = kwargs.get("x")
+        if x is not None:
+            self._control().before_every_sampling(p, x)
+
+    def postprocess_batch(self, p, *args, **kwargs) -> None:
+        self._control().postprocess_batch(p)
+
+
+def _on_ui_settings() -> None:
+    register_settings(shared.opts, gr, shared.OptionInfo)
+
+
+def _on_before_ui() -> None:
+    register_xyz_axes(scripts.scripts_data, _choices)
+
+
+def _on_app_started(_demo, app) -> None:
+    @app.get("/oms/v1/version")
+    def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/oms/v1/schema")
+    def schema() -> dict:
+        defaults = OMSArgs().to_dict()
+        return {
+            "title": TITLE,
+            "args_order": [f.attr for f in FIELDS],
+            "defaults": defaults,
+            "noise_modes": list(NOISE_MODES),
+            "modules": _choices(),
+            "infotext_keys": {f.attr: f.label for f in FIELDS},
+        }
+
+
+script_callbacks.on_ui_settings(_on_ui_settings)
+script_callbacks.on_before_ui(_on_before_ui)
+script_callbacks.on_app_started(_on_app_started)
