@@ -1,0 +1,140 @@
+"""Forge-family and A1111 adapter details: predictor reading, SD2 text-encoder reuse, Forge's
+memory manager (stand-in of Forge f2.0.1 backend.memory_management / backend.patcher.base)."""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from oms_ext import load_oms
+from oms_ext.webui import a1111, forge
+from oms_ext.webui.cache import ModelCache
+from oms_ext.webui.glue import Host, OMSController
+from tests import webui_standins as wi
+
+
+def test_forge_v_prediction_and_flow_are_read_from_the_predictor():
+    assert forge.prediction_type(wi.Prediction("v_prediction")) == "v"
+    assert forge.prediction_type(wi.Prediction("epsilon")) == "eps"
+    assert forge.is_flow(wi.PredictionFlux()) and not forge.is_flow(wi.Prediction())
+
+
+def test_ldm_patched_model_sampling_classes_are_recognised():
+    v_pred = type("ModelSamplingDiscrete", (type("V_PREDICTION", (), {}),), {})()
+    sd_model = SimpleNamespace(
+        forge_objects=SimpleNamespace(
+            unet=SimpleNamespace(model=SimpleNamespace(model_sampling=v_pred))
+        )
+    )
+    assert forge.prediction_type(forge.predictor(sd_model)) == "v"
+
+
+def test_a1111_v_prediction_checkpoint_is_reported_as_v():
+    assert a1111.prediction_type(wi.SDModel(is_sd1=False, is_sd2=True, parameterization="v")) == "v"
+
+
+def _forge_sd2(layers: int = 24):
+    """Forge f2 SD2 engine: forge_objects.clip.{cond_stage_model.clip_h (IntegratedCLIP with
+    .transformer), tokenizer.clip_h, patcher}."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+    )
+    torch.manual_seed(0)
+    transformer = CLIPTextModel(config).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(wi.TINY_MODULE / "tokenizer"))
+    clip = SimpleNamespace(
+        cond_stage_model=SimpleNamespace(clip_h=SimpleNamespace(transformer=transformer)),
+        tokenizer=SimpleNamespace(clip_h=tokenizer),
+        patcher=None,
+    )
+    sd_model = wi.forge_sd_model(wi.Prediction(), is_sd1=False, is_sd2=True)
+    sd_model.forge_objects.clip = clip
+    sd_model.sd_checkpoint_info = SimpleNamespace(hash="abc123", filename="sd21.safetensors")
+    return sd_model
+
+
+def test_forge_sd2_encoder_uses_23_of_24_layers_plus_final_norm():
+    sd_model = _forge_sd2()
+    encoder = forge.sd2_text_encoder(sd_model)
+    transformer = sd_model.forge_objects.clip.cond_stage_model.clip_h.transformer
+    ids = encoder.tokenize(["a cat"])
+    hidden = transformer(input_ids=ids, output_hidden_states=True).hidden_states[23]
+    expected = transformer.text_model.final_layer_norm(hidden)
+    torch.testing.assert_close(encoder(["a cat"]), expected)
+
+
+def test_non_sd2_checkpoints_lend_no_text_encoder():
+    assert forge.sd2_text_encoder(wi.forge_sd_model(wi.Prediction())) is None
+    assert a1111.sd2_text_tower(wi.SDModel()) is None
+
+
+def test_sd2_checkpoint_encoder_is_reused_instead_of_the_modules(tmp_path):
+    wi.install_tiny_module(tmp_path / "oms")
+    sd_model = _forge_sd2()
+    host = Host(
+        "forge",
+        SimpleNamespace(),
+        SimpleNamespace(),
+        "cpu",
+        tmp_path,
+        tmp_path,
+        True,
+        lambda _: None,
+        ModelCache(),
+    )
+    p = wi.Txt2Img(
+        version="forge",
+        sd_model=sd_model,
+        sampler_factory=lambda: wi.KDiffusionSampler(opts=SimpleNamespace()),
+    )
+    p.scripts = wi.ScriptRunner(OMSController(host), "forge", [True, "", "", 2.0, "oms_tiny"])
+    wi.process_images(p)
+    assert "OMS alpha_bar0" in p.infotexts[0]
+    model = host.cache.get(host.cache.key, lambda: pytest.fail("the cached model was reloaded"))
+    assert host.cache.key.text_encoder == "checkpoint:abc123"
+    assert not model.owns_text_encoder
+
+
+class _Patcher:
+    def __init__(self, model, load_device, offload_device, size=0, current_device=None):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+
+@pytest.fixture
+def fake_forge_backend(monkeypatch):
+    """Stand-in of Forge f2.0.1's backend.memory_management and backend.patcher.base."""
+    loads = []
+    mm = ModuleType("backend.memory_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.load_models_gpu = lambda models, memory_required=0, hard_memory_preservation=0: loads.append(
+        models
+    )
+    base = ModuleType("backend.patcher.base")
+    base.ModelPatcher = _Patcher
+    for name, module in {
+        "backend": ModuleType("backend"),
+        "backend.patcher": ModuleType("backend.patcher"),
+        "backend.memory_management": mm,
+        "backend.patcher.base": base,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return loads
+
+
+def test_forge_memory_reuses_one_patcher_per_model(fake_forge_backend):
+    model = load_oms(wi.TINY_MODULE)
+    memory = forge.ForgeMemory()
+    memory.load(model)
+    memory.load(model)
+    first, second = fake_forge_backend
+    assert first[0] is second[0]
+    assert first[0].model.unet is model.unet
