@@ -251,3 +251,19 @@ def test_unfired_rng_hook_is_removed_after_the_batch(models_dir):
     p.sample = lambda: torch.zeros(1)  # an interrupted batch never draws its noise
     wi.process_images(p)
     assert "next" not in vars(p.rngs[0])
+
+
+def test_a_sampler_of_unknown_shape_is_skipped_with_the_reason(models_dir):
+    class Unknown:
+        """A sampler of neither WebUI shape (e.g. from another extension)."""
+
+        start_latent = None
+
+        def sample(self, p, x, *args, **kwargs):
+            self.start_latent = x.clone()
+            return x
+
+    p, _ = make_run(models_dir, "1.10", sampler_factory=Unknown)
+    wi.process_images(p)
+    assert "neither get_sigmas nor get_timesteps" in p.infotexts[0][SKIPPED_KEY]
+    assert p.samplers[0].start_latent is not None

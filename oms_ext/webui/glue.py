@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
+from oms_ext.spaces import UnsupportedModelError
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.args import (
     ALPHA_BAR_KEY,
@@ -40,7 +41,7 @@ from oms_ext.webui.provider import (
     provide_model,
     should_offload,
 )
-from oms_ext.webui.runner import Outcome, run_oms
+from oms_ext.webui.runner import Outcome, run_oms, skipped
 
 _OMS_INFOTEXT_KEYS = (
     ENABLED_KEY,
@@ -153,7 +154,13 @@ class OMSController:
         if first_pass and getattr(p, "oms_last_batch", None) == batch:
             return Outcome(None)  # already applied to this batch: OMS runs once per batch
         sd_model = p.sd_model
-        inputs = self.adapter.batch_inputs(p, x, self.host.opts, sd_model)
+        try:
+            inputs = self.adapter.batch_inputs(p, x, self.host.opts, sd_model)
+        except UnsupportedModelError as e:
+            outcome = skipped(p.oms_args, str(e))
+            _record(p, outcome.infotext)
+            self.host.log(outcome.message)
+            return outcome
         settings = Settings.from_opts(self.host.opts)
         loaded: list[OMSModel] = []
 
@@ -184,9 +191,7 @@ class OMSController:
         self, args: OMSArgs, family: str, settings: Settings, sd_model: Any
     ) -> ModelRequest:
         device = compute_device(settings, self.host.device)
-        if self.host.forge_memory is not None and settings.device == "auto":
-            device = torch.device("cpu")  # Forge's memory manager moves it (ForgeMemory.load)
-        dtype = compute_dtype(settings, compute_device(settings, self.host.device))
+        dtype = compute_dtype(settings, device)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
         factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
         return ModelRequest(
