@@ -124,15 +124,16 @@ def test_each_batch_of_a_batch_count_run_uses_its_own_prompts(models_dir, tiny_m
         )
 
 
-@pytest.mark.parametrize("version", ("1.10", "forge"))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_hires_pass_is_left_alone_with_a_note(models_dir, version):
-    p, log = make_run(models_dir, version, enable_hr=True)
-    wi.process_images(p)
-    hires_rng = p.rngs[-1]
-    assert "next" not in vars(hires_rng)
-    assert "first pass only" in p.infotexts[0][NOTE_KEY]
-    assert ALPHA_BAR_KEY in p.infotexts[0]
-    assert any("hires" in line for line in log)
+    on, _ = make_run(models_dir, version, enable_hr=True)
+    off, _ = make_run(models_dir, version, args=[False], enable_hr=True)
+    wi.process_images(on)
+    wi.process_images(off)
+    assert on.rngs[-1].draws == off.rngs[-1].draws == 1
+    torch.testing.assert_close(on.hires_noise, off.hires_noise, atol=0, rtol=0)
+    assert "first pass only" in on.infotexts[0][NOTE_KEY]
+    assert ALPHA_BAR_KEY in on.infotexts[0]
 
 
 def test_forge_hands_noise_over_through_modified_noise_and_leaves_x_alone(models_dir):

@@ -225,8 +225,9 @@ class Txt2Img:
             calls = 2 if self.version == "forge" else (1 if self.version == "1.10" else 0)
             for _ in range(calls):
                 self.scripts.process_before_every_sampling(self, x=samples, noise=noise)
-            if self.version == "forge":
-                self.modified_noise = None
+            if self.version == "forge" and self.modified_noise is not None:
+                noise, self.modified_noise = self.modified_noise, None
+            self.hires_noise = noise
             self.is_hr_pass = False
         return samples
 

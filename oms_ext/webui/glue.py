@@ -146,6 +146,9 @@ class OMSController:
             )
             _record(p, {SKIPPED_KEY: "internal error (see console)"})
             return x
+        if getattr(p, "enable_hr", False):
+            # Before 1.10 the hires pass has no hook to note itself: say it here, once.
+            _record(p, {NOTE_KEY: a1111.HIRES_NOTE}, replace=False)
         return x if outcome.noise is None else outcome.noise
 
     def _run(self, p: Any, x: torch.Tensor) -> Outcome:
