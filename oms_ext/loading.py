@@ -144,7 +144,8 @@ class OMSModel:
         result has its dtype and device. ``prompts`` and ``negative_prompts`` hold one string
         per batch row, or one string for all rows; negatives default to ``""``. ``cfg_scale``
         is the OMS guidance w; w = 1 runs the module once on the prompts only, otherwise once
-        on the batch ``cat[x, x]`` with ``cat[E(negatives), E(prompts)]``.
+        on ``x`` against ``cat[E(negatives), E(prompts)]`` (the batch ``cat[x, x]``, with the
+        text-free layers computed once, see :meth:`OMSUNet.forward`).
         """
         if x_S.ndim != 4:
             raise ValueError(f"x_S must be a latent batch [B, C, H, W], got {tuple(x_S.shape)}")
@@ -160,7 +161,8 @@ class OMSModel:
         if w == 1.0:
             v = self.unet(x, self.encode(pos))
         else:
-            v_uncond, v_cond = self.unet(torch.cat([x, x]), self.encode(neg + pos)).chunk(2)
+            # One pass for both halves; the module shares its text-free layers between them.
+            v_uncond, v_cond = self.unet(x, self.encode(neg + pos)).chunk(2)
             v = cfg_combine(v_uncond, v_cond, w)
         return (-v).to(x_S.device, x_S.dtype)
 

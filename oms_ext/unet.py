@@ -506,20 +506,42 @@ class OMSUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Raw module output v for latent ``x`` [B, C_in, H, W] and text states [B, L, D]."""
+        """Raw module output v for latent ``x`` [B, C_in, H, W] and text states [k*B, L, D].
+
+        With k > 1 (e.g. CFG's ``cat[E(neg), E(prompt)]``, k = 2) the result is that of
+        ``x.repeat(k, 1, 1, 1)`` against ``context``, but the text-free leading layers (conv_in
+        and the resnets before the first attention, the costliest full-resolution convs) run
+        once on ``x`` and are shared by the k branches: the text enters only at attention.
+        """
+        reps, rem = divmod(context.shape[0], x.shape[0])
+        if rem or reps < 1:
+            raise ValueError(
+                f"context batch {context.shape[0]} must be a multiple of the latent batch "
+                f"{x.shape[0]}"
+            )
         h = self.conv_in(x)
         skips = [h]
+
+        def widen() -> None:
+            nonlocal h, skips, reps
+            if reps > 1:
+                h = h.repeat(reps, 1, 1, 1)
+                skips = [s.repeat(reps, 1, 1, 1) for s in skips]
+                reps = 1
+
         for block in self.down_blocks:
             attns = getattr(block, "attentions", None)
             for j, resnet in enumerate(block.resnets):
                 h = resnet(h)
                 if attns is not None:
+                    widen()
                     h = attns[j](h, context)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0].conv(h)
                 skips.append(h)
 
+        widen()
         h = self.mid_block(h, context)
 
         for block in self.up_blocks:

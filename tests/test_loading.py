@@ -120,13 +120,15 @@ def test_prompt_count_must_match_the_batch(model: OMSModel, name: str) -> None:
 def test_one_module_pass_per_prediction_cond_only_at_w1(
     model: OMSModel, w: float, rows: int
 ) -> None:
-    seen: list[int] = []
-    handle = model.unet.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    seen: list[tuple[int, int]] = []
+    handle = model.unet.register_forward_hook(
+        lambda _m, args, _o: seen.append((args[0].shape[0], args[1].shape[0]))
+    )
     try:
         model.predict_x0(_latent(5, (2, 4, 8, 8)), ["a", "b"], w)
     finally:
         handle.remove()
-    assert seen == [rows]
+    assert seen == [(2, rows)]
 
 
 def test_prediction_comes_back_in_the_dtype_of_x_S(model: OMSModel) -> None:

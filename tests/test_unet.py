@@ -77,6 +77,23 @@ def test_output_has_the_input_latent_shape_at_any_size(size: tuple[int, int]) ->
     assert out.shape == x.shape
 
 
+@pytest.mark.parametrize("first_block", ["DownBlock2D", "CrossAttnDownBlock2D"])
+def test_guidance_branches_sharing_the_latent_equal_a_repeated_latent_batch(
+    first_block: str,
+) -> None:
+    unet = _random_tiny(down_block_types=[first_block, "CrossAttnDownBlock2D", "DownBlock2D"])
+    x, context = torch.randn(2, 4, 16, 12), torch.randn(4, 77, 32)
+    with torch.no_grad():
+        shared = unet(x, context)
+        repeated = unet(torch.cat([x, x]), context)
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=0)
+
+
+def test_context_batch_that_is_no_multiple_of_the_latent_batch_raises() -> None:
+    with pytest.raises(ValueError, match="context batch 3 must be a multiple"):
+        _random_tiny()(torch.randn(2, 4, 8, 8), torch.randn(3, 77, 32))
+
+
 def test_transformer_layers_per_block_list_sets_the_depth_per_level() -> None:
     unet = _random_tiny(transformer_layers_per_block=[1, 2, 3])
     assert len(unet.down_blocks[1].attentions[0].transformer_blocks) == 2
