@@ -1,0 +1,123 @@
+"""The thin script, imported against stand-ins of the WebUI modules it uses (A1111 1.10.1
+names: modules.scripts/shared/devices/paths/script_callbacks, gradio), and run end to end
+through the stand-in txt2img loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from oms_ext.webui.args import ALPHA_BAR_KEY, FIELDS
+from tests import webui_standins as wi
+from tests.test_webui_ui import FakeGradio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Script:
+    """modules.scripts.Script (A1111 1.10.1): the base the script subclasses."""
+
+    def __init__(self):
+        self.infotext_fields = None
+        self.paste_field_names = None
+
+
+class _ScriptRunner:
+    def process_before_every_sampling(self, p, **kwargs):
+        """Present from A1111 1.10 on."""
+
+
+@pytest.fixture
+def script_module(monkeypatch, tmp_path):
+    callbacks: dict[str, list] = {}
+    modules = ModuleType("modules")
+    fakes = {
+        "scripts": SimpleNamespace(
+            Script=_Script, ScriptRunner=_ScriptRunner, AlwaysVisible=object(), scripts_data=[]
+        ),
+        "shared": SimpleNamespace(
+            opts=SimpleNamespace(sgm_noise_multiplier=False),
+            cmd_opts=SimpleNamespace(),
+            OptionInfo=dict,
+        ),
+        "devices": SimpleNamespace(device=torch.device("cpu")),
+        "paths": SimpleNamespace(models_path=str(tmp_path)),
+        "script_callbacks": SimpleNamespace(
+            **{
+                name: (lambda fn, name=name: callbacks.setdefault(name, []).append(fn))
+                for name in ("on_ui_settings", "on_before_ui", "on_app_started")
+            }
+        ),
+    }
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    for name, fake in fakes.items():
+        setattr(modules, name, fake)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", fake)
+    monkeypatch.setitem(sys.modules, "gradio", FakeGradio())
+    spec = importlib.util.spec_from_file_location(
+        "one_more_step_script", ROOT / "scripts" / "one_more_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.callbacks = callbacks
+    wi.install_tiny_module(tmp_path / "oms")
+    return module
+
+
+def test_script_registers_settings_xyz_and_api_callbacks_once(script_module):
+    assert {k: len(v) for k, v in script_module.callbacks.items()} == {
+        "on_ui_settings": 1,
+        "on_before_ui": 1,
+        "on_app_started": 1,
+    }
+
+
+def test_script_shows_in_txt2img_only_and_returns_inputs_in_field_order(script_module):
+    script = script_module.OneMoreStepScript()
+    assert script.show(True) is False
+    inputs = script.ui(False)
+    assert len(inputs) == len(FIELDS)
+    assert script.paste_field_names == [f.label for f in FIELDS]
+    assert "oms_tiny" in inputs[4].kwargs["choices"]
+
+
+def test_script_applies_oms_through_process_before_every_sampling(script_module):
+    script = script_module.OneMoreStepScript()
+    p = wi.Txt2Img(
+        version="1.10", sampler_factory=lambda: wi.KDiffusionSampler(opts=SimpleNamespace())
+    )
+    p.scripts = wi.ScriptRunner(script, "1.10", [True, "", "", 2.0, "oms_tiny"])
+    # the WebUI's ScriptRunner splats the script's slice of p.script_args
+    p.scripts.controller = SimpleNamespace(
+        process=lambda p_, args: script.process(p_, *args),
+        process_batch=script.process_batch,
+        before_every_sampling=lambda p_, x: script.process_before_every_sampling(p_, x=x, noise=x),
+        postprocess_batch=script.postprocess_batch,
+    )
+    wi.process_images(p)
+    assert ALPHA_BAR_KEY in p.infotexts[0]
+
+
+def test_api_schema_documents_the_positional_order(script_module):
+    routes = {}
+
+    class App:
+        def get(self, path):
+            return lambda fn: routes.setdefault(path, fn)
+
+    script_module.callbacks["on_app_started"][0](None, App())
+    schema = routes["/oms/v1/schema"]()
+    assert schema["args_order"] == [
+        "enabled",
+        "prompt",
+        "negative_prompt",
+        "cfg",
+        "module",
+        "noise_mode",
+    ]
+    assert routes["/oms/v1/version"]()["version"]
