@@ -250,7 +250,6 @@ def _inputs(**kwargs) -> BatchInputs:
         noise=torch.randn(1, 4, 8, 8),
         start=SamplerStart.from_sigmas([14.6146, 0.0]),
         prompts=["a cat"],
-        negative_prompts=[""],
         seeds=[1],
         family="sd1",
     )

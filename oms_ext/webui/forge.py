@@ -87,7 +87,6 @@ def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInpu
         noise=x,
         start=start,
         prompts=list(p.prompts)[:count],
-        negative_prompts=list(getattr(p, "negative_prompts", None) or [""] * count)[:count],
         seeds=list(p.seeds)[:count],
         family=family,
         is_flow=flow,

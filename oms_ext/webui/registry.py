@@ -41,13 +41,13 @@ class TextEncoderFiles:
 @dataclass(frozen=True)
 class KnownModule:
     """A released OMS module: name (= folder name under the models folder), hub repo, the
-    checkpoint families whose latent space it was trained in, approximate download size."""
+    checkpoint families whose latent space it was trained in, and its text encoder's files
+    (oms_b_mixclip_xl: SDXL's two encoders, about 5 GB with the module)."""
 
     name: str
     repo_id: str
     families: tuple[Family, ...]
     text_encoder: TextEncoderFiles
-    size_gb: float
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -69,11 +69,9 @@ _SDXL_TEXT = TextEncoderFiles(
 )
 
 KNOWN_MODULES: tuple[KnownModule, ...] = (
-    KnownModule(
-        "oms_b_openclip_15_21", "h1t/oms_b_openclip_15_21", ("sd1", "sd2"), _SD21_TEXT, 0.31
-    ),
-    KnownModule("oms_b_openclip_xl", "h1t/oms_b_openclip_xl", ("sdxl",), _SD21_TEXT, 0.31),
-    KnownModule("oms_b_mixclip_xl", "h1t/oms_b_mixclip_xl", ("sdxl",), _SDXL_TEXT, 5.09),
+    KnownModule("oms_b_openclip_15_21", "h1t/oms_b_openclip_15_21", ("sd1", "sd2"), _SD21_TEXT),
+    KnownModule("oms_b_openclip_xl", "h1t/oms_b_openclip_xl", ("sdxl",), _SD21_TEXT),
+    KnownModule("oms_b_mixclip_xl", "h1t/oms_b_mixclip_xl", ("sdxl",), _SDXL_TEXT),
 )
 KNOWN_BY_NAME = {m.name: m for m in KNOWN_MODULES}
 #: "Auto": the default module of each checkpoint family.

@@ -42,16 +42,16 @@ class BatchInputs:
     """Plain values describing one WebUI batch at the start of sampling.
 
     ``noise``: the WebUI's unit Gaussian noise x_S [B, C, H, W] (seeded, variation seeds
-    already mixed in). ``start``: where the sampler starts. ``prompts``/``negative_prompts``/
-    ``seeds``: one per image. ``family``: checkpoint family ("sd1", "sd2", "sdxl", ...).
-    ``is_flow``: flow-matching model. ``pass_skip``: why this pass is not OMS's to touch
-    (hires pass, img2img), or None.
+    already mixed in). ``start``: where the sampler starts. ``prompts``/``seeds``: one
+    per image (the images' negative prompts are not used: OMS's unconditional text is the
+    OMS negative prompt, "" by default as in the authors' code). ``family``: checkpoint
+    family ("sd1", "sd2", "sdxl", ...). ``is_flow``: flow-matching model. ``pass_skip``:
+    why this pass is not OMS's to touch (hires pass, img2img), or None.
     """
 
     noise: torch.Tensor
     start: SamplerStart | None
     prompts: Sequence[str]
-    negative_prompts: Sequence[str]
     seeds: Sequence[int]
     family: str
     is_flow: bool = False
