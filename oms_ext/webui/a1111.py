@@ -57,15 +57,25 @@ def pass_note(p: Any) -> str | None:
 
 def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
-    note = pass_note(p)
     family = model_family(sd_model)
+    return collect_batch_inputs(
+        p, x, opts, family=family, is_flow=family == "sd3", prediction=prediction_type(sd_model)
+    )
+
+
+def collect_batch_inputs(
+    p: Any, x: torch.Tensor, opts: Any, *, family: str, is_flow: bool, prediction: str
+) -> BatchInputs:
+    """The host-independent part of both adapters: the pass note, the sampler's start (only
+    for a first pass of a 4-channel, non-flow model) and one prompt and seed per image."""
+    note = pass_note(p)
     start = None
-    if note is None and x.shape[1] == 4 and family != "sd3":
+    if note is None and not is_flow and x.shape[1] == 4:
         start = sampler_start(
             p,
             p.sampler,
             sgm_noise_multiplier=bool(getattr(opts, "sgm_noise_multiplier", False)),
-            prediction_type=prediction_type(sd_model),
+            prediction_type=prediction,
         )
     count = x.shape[0]
     return BatchInputs(
@@ -74,7 +84,7 @@ def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInpu
         prompts=list(p.prompts)[:count],
         seeds=list(p.seeds)[:count],
         family=family,
-        is_flow=family == "sd3",
+        is_flow=is_flow,
         pass_skip=note,
     )
 

@@ -20,10 +20,9 @@ import torch
 
 from oms_ext.loading import OMSModel
 from oms_ext.text import PromptEncoder, wrap_transformers_clip
+from oms_ext.webui.a1111 import collect_batch_inputs
 from oms_ext.webui.a1111 import model_family as _flag_family
-from oms_ext.webui.a1111 import pass_note
 from oms_ext.webui.runner import BatchInputs
-from oms_ext.webui.samplers import sampler_start
 
 SD2_OMS_LAYERS = 23
 
@@ -70,27 +69,14 @@ def model_family(sd_model: Any) -> str:
 
 def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
-    note = pass_note(p)
     pred = predictor(sd_model)
-    flow = is_flow(pred)
-    family = model_family(sd_model)
-    start = None
-    if note is None and not flow and x.shape[1] == 4:
-        start = sampler_start(
-            p,
-            p.sampler,
-            sgm_noise_multiplier=bool(getattr(opts, "sgm_noise_multiplier", False)),
-            prediction_type=prediction_type(pred),
-        )
-    count = x.shape[0]
-    return BatchInputs(
-        noise=x,
-        start=start,
-        prompts=list(p.prompts)[:count],
-        seeds=list(p.seeds)[:count],
-        family=family,
-        is_flow=flow,
-        pass_skip=note,
+    return collect_batch_inputs(
+        p,
+        x,
+        opts,
+        family=model_family(sd_model),
+        is_flow=is_flow(pred),
+        prediction=prediction_type(pred),
     )
 
 
