@@ -11,8 +11,7 @@ Compares in one run:
   and as fp16);
 * peak resident memory of the process after each stage.
 
-Usage: python tools/benchmark.py [--batch 2] [--height 64] [--width 64] [--repeats 3]
-[--warmup 1] [--base-repeats 1]
+Usage: python tools/benchmark.py [--batch 2] [--height 64] [--width 64] [--rounds 3]
 (sizes are latent sizes: 64 = 512 px). diffusers and transformers must be installed.
 """
 
@@ -85,7 +84,7 @@ def random_weights(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+def timed(fn: Callable[[], object], repeats: int = 1, warmup: int = 0) -> float:
     """Median wall time of ``fn`` in seconds after ``warmup`` untimed calls."""
     with torch.no_grad():
         for _ in range(warmup):
@@ -103,86 +102,59 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def current_rss() -> str:
-    try:
-        import psutil
-    except ImportError:
-        return "n/a (psutil not installed)"
-    return f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB (psutil)"
-
-
 def verdict(value: float, target: float) -> str:
     return "PASS" if value <= target else "MISS"
 
 
-def bench_oms(b: int, h: int, w: int, rep: dict[str, int]) -> tuple[float, float, float]:
-    """(module forward at batch b, OMS step with CFG at batch 2b, warm-cache load) in s."""
-    gen = torch.Generator().manual_seed(0)
-    oms_config = packaged_config(OMS_B)
-    oms = random_weights(lambda: build_unet(oms_config))
-    print(f"\nOMS-B module: {count_parameters(oms):,} parameters")
-    x = torch.randn(b, 4, h, w, generator=gen)
-    ctx = torch.randn(b, 77, 1024, generator=gen)
-    t_mod = timed(lambda: oms(x, ctx), **rep)
-    # As OMSModel.predict_x0 runs it: one pass, latent shared by the uncond/cond contexts.
-    t_oms = timed(lambda: oms(x, torch.cat([ctx, ctx])), **rep)
-    print(f"  module forward at batch {b}:            {t_mod * 1000:8.1f} ms")
-    print(f"  OMS step with CFG (batch {2 * b}):          {t_oms * 1000:8.1f} ms")
-    print(f"  peak RSS: {peak_rss_gib():.2f} GiB (resource.ru_maxrss)")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / MODULE_FOLDER).mkdir()
-        (folder / MODULE_FOLDER / "config.json").write_text(json.dumps(oms_config))
-        weights = folder / MODULE_FOLDER / WEIGHT_FILE_NAMES[1]
-        save_file({k: v.half().contiguous() for k, v in oms.state_dict().items()}, str(weights))
-        size_mb = weights.stat().st_size / 1e6
-        loads = {}
-        for dtype in (torch.float32, torch.float16):
-            load_module(folder, dtype=dtype)  # warms the page cache
-            loads[dtype] = min(
-                timed(lambda d=dtype: load_module(folder, dtype=d), repeats=1, warmup=0)
-                for _ in range(3)
-            )
-    print(f"\nload OMS-B module from warm cache ({size_mb:.0f} MB fp16 file), min of 3:")
-    print(f"  as fp32: {loads[torch.float32] * 1000:8.1f} ms")
-    print(f"  as fp16: {loads[torch.float16] * 1000:8.1f} ms")
-    return t_mod, t_oms, loads[torch.float32]
+def build_oms() -> torch.nn.Module:
+    oms = random_weights(lambda: build_unet(packaged_config(OMS_B)))
+    print(
+        f"OMS-B module: {count_parameters(oms):,} parameters; "
+        f"peak RSS {peak_rss_gib():.2f} GiB (ru_maxrss)"
+    )
+    return oms
 
 
-def bench_text(b: int, rep: dict[str, int]) -> float:
-    """Seconds to encode b prompts + b negatives with a random-weight ViT-H text encoder."""
+def build_text() -> tuple[torch.nn.Module, int]:
+    """SD2.1's ViT-H text encoder (shipped config, random weights) and its layer count."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig.from_json_file(str(CONFIGS / "sd21_text_encoder.config.json"))
     torch.manual_seed(0)
     text = CLIPTextModel(config).eval().requires_grad_(False)
-    ids = torch.randint(0, config.vocab_size, (2 * b, 77), generator=torch.Generator())
-    t_text = timed(lambda: text(input_ids=ids).last_hidden_state, **rep)
     print(
-        f"\nViT-H text encoder ({count_parameters(text):,} parameters, "
-        f"{config.num_hidden_layers} layers), {b} prompts + {b} negatives "
-        f"(random token ids; tokenizing not timed): {t_text * 1000:8.1f} ms"
+        f"ViT-H text encoder: {count_parameters(text):,} parameters, "
+        f"{config.num_hidden_layers} layers; peak RSS {peak_rss_gib():.2f} GiB"
     )
-    print(f"  peak RSS: {peak_rss_gib():.2f} GiB (resource.ru_maxrss)")
-    return t_text
+    return text, config.vocab_size
 
 
-def bench_base(b: int, h: int, w: int, rep: dict[str, int]) -> float:
-    """Seconds for one SD1.5-sized UNet step with CFG (batch 2b)."""
+def build_base() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    gen = torch.Generator().manual_seed(1)
     base = random_weights(lambda: UNet2DConditionModel(**SD15_UNET))
-    x = torch.randn(2 * b, 4, h, w, generator=gen)
-    ctx = torch.randn(2 * b, 77, 768, generator=gen)
-    t_base = timed(lambda: base(x, 500, encoder_hidden_states=ctx).sample, **rep)
     print(
-        f"\nSD1.5-sized base UNet ({count_parameters(base):,} parameters), one step with CFG "
-        f"(batch {2 * b}): {t_base * 1000:8.1f} ms"
+        f"SD1.5-sized base UNet: {count_parameters(base):,} parameters; "
+        f"peak RSS {peak_rss_gib():.2f} GiB"
     )
-    print(f"  peak RSS: {peak_rss_gib():.2f} GiB (resource.ru_maxrss); now {current_rss()}")
-    return t_base
+    return base
+
+
+def bench_load(oms: torch.nn.Module) -> dict[torch.dtype, float]:
+    """Seconds to load the OMS-B module from a warm page cache (released fp16 file), min of 3."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / MODULE_FOLDER).mkdir()
+        (folder / MODULE_FOLDER / "config.json").write_text(json.dumps(packaged_config(OMS_B)))
+        weights = folder / MODULE_FOLDER / WEIGHT_FILE_NAMES[1]
+        save_file({k: v.half().contiguous() for k, v in oms.state_dict().items()}, str(weights))
+        loads = {}
+        for dtype in (torch.float32, torch.float16):
+            load_module(folder, dtype=dtype)  # warms the page cache
+            loads[dtype] = min(
+                timed(lambda d=dtype: load_module(folder, dtype=d)) for _ in range(3)
+            )
+    return loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,44 +162,76 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="images per batch (B)")
     parser.add_argument("--height", type=int, default=64, help="latent height (px / 8)")
     parser.add_argument("--width", type=int, default=64, help="latent width (px / 8)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--base-repeats",
+        "--rounds",
         type=int,
-        default=1,
-        help="timed base-UNet steps (one takes about a minute on 2 CPU cores at 64x64, batch 4)",
+        default=3,
+        help="interleaved rounds; each times every workload once (a base step with CFG takes "
+        "20-60 s on 2 CPU cores at 64x64)",
     )
     args = parser.parse_args(argv)
     b, h, w = args.batch, args.height, args.width
-    rep = {"repeats": args.repeats, "warmup": args.warmup}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32, batch B={b}, "
-        f"latent {h}x{w} ({h * 8}x{w * 8} px), median of {args.repeats} "
-        f"({args.base_repeats} for the base UNet) after {args.warmup} warm-up"
+        f"latent {h}x{w} ({h * 8}x{w * 8} px); {args.rounds} interleaved rounds after one "
+        "warm-up round; ratios are medians of per-round ratios, so load from other processes "
+        "affects both sides of each ratio alike\n"
     )
-    print(f"peak RSS at start: {peak_rss_gib():.2f} GiB (resource.ru_maxrss)")
-    t_mod, t_oms, load = bench_oms(b, h, w, rep)
-    t_text = bench_text(b, rep)
-    t_base = bench_base(b, h, w, {**rep, "repeats": args.base_repeats})
+    oms, (text, vocab), base = build_oms(), build_text(), build_base()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 4, h, w, generator=gen)
+    ctx = torch.randn(b, 77, 1024, generator=gen)
+    ids = torch.randint(0, vocab, (2 * b, 77), generator=gen)
+    x_base = torch.randn(2 * b, 4, h, w, generator=gen)
+    ctx_base = torch.randn(2 * b, 77, 768, generator=gen)
+    workloads: dict[str, Callable[[], object]] = {
+        f"OMS module forward, batch {b}": lambda: oms(x, ctx),
+        # As OMSModel.predict_x0 runs it: one pass, latent shared by the uncond/cond contexts.
+        f"OMS step with CFG ({b} latents x 2 contexts)": lambda: oms(x, torch.cat([ctx, ctx])),
+        f"ViT-H text encoder, {b} prompts + {b} negatives": lambda: text(input_ids=ids)[0],
+        f"base UNet step with CFG, batch {2 * b}": lambda: base(
+            x_base, 500, encoder_hidden_states=ctx_base
+        ).sample,
+    }
+    names = list(workloads)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for round_ in range(args.rounds + 1):
+        for name in names:
+            t = timed(workloads[name])
+            if round_ > 0:
+                times[name].append(t)
+    print(f"\npeak RSS after all runs: {peak_rss_gib():.2f} GiB (resource.ru_maxrss)\n")
+    for name in names:
+        print(f"  {name:48s} {statistics.median(times[name]) * 1000:9.1f} ms (median)")
 
-    r_mod = t_oms / t_base
-    r_text = (t_oms + t_text) / t_base
-    print("\nratios and targets")
-    print(f"  module forward at batch {b} / base step:     {t_mod / t_base:6.3f}x")
+    def ratio(*parts: str) -> float:
+        base_t = times[names[3]]
+        return statistics.median(
+            sum(times[p][i] for p in parts) / base_t[i] for i in range(len(base_t))
+        )
+
+    r_fwd, r_cfg = ratio(names[0]), ratio(names[1])
+    r_text, r_all = ratio(names[2]), ratio(names[1], names[2])
+    loads = bench_load(oms)
+    print("\nratios to one base step with CFG (median over rounds) and targets")
     print(
-        f"  OMS step with CFG / base step:             {r_mod:6.3f}x   "
-        f"target <= {TARGET_MODULE}x  {verdict(r_mod, TARGET_MODULE)}"
-    )
-    print(f"  ViT-H text encoder / base step:            {t_text / t_base:6.3f}x")
-    print(
-        f"  OMS step with CFG + text encoder / base:   {r_text:6.3f}x   "
-        f"target <= {TARGET_MODULE_AND_TEXT}x  {verdict(r_text, TARGET_MODULE_AND_TEXT)}"
+        f"  one OMS forward (batch {b}) / base step:       {r_fwd:6.3f}x   "
+        f"target <= {TARGET_MODULE}x  {verdict(r_fwd, TARGET_MODULE)}"
     )
     print(
-        f"  OMS-B load (fp32, warm cache):             {load:6.3f} s    "
-        f"target <= {TARGET_LOAD_S} s  {verdict(load, TARGET_LOAD_S)}"
+        f"  OMS step with CFG / base step:               {r_cfg:6.3f}x   (w != 1 adds the "
+        "unconditional branch)"
     )
+    print(f"  ViT-H text encoder / base step:              {r_text:6.3f}x")
+    print(
+        f"  OMS step with CFG + text encoder / base:     {r_all:6.3f}x   "
+        f"target <= {TARGET_MODULE_AND_TEXT}x  {verdict(r_all, TARGET_MODULE_AND_TEXT)}"
+    )
+    print(
+        f"  OMS-B load (fp32, warm cache):               {loads[torch.float32]:6.3f} s    "
+        f"target <= {TARGET_LOAD_S} s  {verdict(loads[torch.float32], TARGET_LOAD_S)}"
+    )
+    print(f"  OMS-B load (fp16, warm cache):               {loads[torch.float16]:6.3f} s")
     return 0
 
 
