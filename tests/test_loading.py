@@ -311,3 +311,59 @@ def test_folder_without_weights_is_reported(tmp_path: Path) -> None:
 def test_nonexistent_path_is_reported(tmp_path: Path) -> None:
     with pytest.raises(OMSLoadError, match="no such file or folder"):
         load_oms(tmp_path / "nothing.safetensors")
+
+
+class _CountingEncoder:
+    """Wraps a prompt encoder and records the prompts of every call."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.hidden_size = inner.hidden_size
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts):
+        self.calls.append(list(prompts))
+        return self.inner(prompts)
+
+    def to(self, device=None, dtype=None):
+        self.inner.to(device=device, dtype=dtype)
+        return self
+
+
+def test_owned_text_encoder_runs_once_per_prompt_across_calls() -> None:
+    m = load_oms(FIXTURE)
+    counting = _CountingEncoder(m.text_encoder)
+    m.text_encoder = counting
+    first = m.encode(["a cat", "", "a cat"])
+    again = m.encode(["", "a dog"])
+    assert counting.calls == [["a cat", ""], ["a dog"]]
+    torch.testing.assert_close(again[0], first[1], atol=0, rtol=0)
+    torch.testing.assert_close(first[0], first[2], atol=0, rtol=0)
+
+
+def test_prompt_cache_keeps_only_the_most_recent_prompts() -> None:
+    from oms_ext.loading import PROMPT_CACHE_SIZE
+
+    m = load_oms(FIXTURE)
+    m.encode([f"prompt {i}" for i in range(PROMPT_CACHE_SIZE + 5)])
+    assert len(m.prompt_cache) == PROMPT_CACHE_SIZE
+    assert "prompt 0" not in m.prompt_cache
+    assert f"prompt {PROMPT_CACHE_SIZE + 4}" in m.prompt_cache
+
+
+def test_borrowed_text_encoder_is_run_on_every_call() -> None:
+    owned = load_oms(FIXTURE)
+    counting = _CountingEncoder(owned.text_encoder)
+    borrowed = load_oms(FIXTURE, text_encoder=counting)
+    borrowed.encode(["a cat", ""])
+    borrowed.encode(["a cat", ""])
+    assert counting.calls == [["a cat", ""], ["a cat", ""]]
+    assert not borrowed.prompt_cache
+
+
+def test_moving_the_model_drops_cached_text_states() -> None:
+    m = load_oms(FIXTURE)
+    m.encode(["a cat"])
+    m.to(dtype=torch.bfloat16)
+    assert not m.prompt_cache
+    assert m.encode(["a cat"]).dtype == torch.bfloat16
