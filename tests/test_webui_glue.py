@@ -268,3 +268,12 @@ def test_a_sampler_of_unknown_shape_is_skipped_with_the_reason(models_dir):
     wi.process_images(p)
     assert "neither get_sigmas nor get_timesteps" in p.infotexts[0][SKIPPED_KEY]
     assert p.samplers[0].start_latent is not None
+
+
+def test_invalid_api_args_turn_oms_off_with_a_reason_and_the_image_is_still_sampled(models_dir):
+    p, log = make_run(models_dir, "forge", args=[True, "", "", 99.0, "oms_tiny"])
+    wi.process_images(p)
+    assert "cfg must lie in [0.0, 20.0], got 99.0" in p.infotexts[0][SKIPPED_KEY]
+    assert ENABLED_KEY not in p.infotexts[0]
+    assert any("skipped: invalid OMS settings" in line for line in log)
+    assert p.samplers[0].start_latent is not None

@@ -30,6 +30,7 @@ from oms_ext.webui.args import (
     SKIPPED_KEY,
     VERSION_KEY,
     OMSArgs,
+    OMSArgsError,
 )
 from oms_ext.webui.cache import MODEL_CACHE, ModelCache
 from oms_ext.webui.provider import (
@@ -88,12 +89,21 @@ class OMSController:
 
     def process(self, p: Any, values: Sequence[Any]) -> OMSArgs:
         """Read the script args (positional UI order or one dict) plus XYZ overrides
-        (``p.oms_<field>``) into ``p.oms_args``. Raises OMSArgsError on bad input."""
-        args = OMSArgs.from_values(list(values))
-        overrides = {
-            f.attr: getattr(p, f"oms_{f.attr}") for f in FIELDS if hasattr(p, f"oms_{f.attr}")
-        }
-        args = args.with_overrides(overrides) if overrides else args
+        (``p.oms_<field>``) into ``p.oms_args``. Invalid args (an API call with cfg 99, say)
+        turn OMS off for this run and say why in the console and the infotext."""
+        try:
+            args = OMSArgs.from_values(list(values))
+            overrides = {
+                f.attr: getattr(p, f"oms_{f.attr}")
+                for f in FIELDS
+                if hasattr(p, f"oms_{f.attr}")
+            }
+            args = args.with_overrides(overrides) if overrides else args
+        except OMSArgsError as e:
+            reason = f"invalid OMS settings: {e}"
+            self.host.log(f"[OMS] One More Step skipped: {reason}")
+            _record(p, {SKIPPED_KEY: reason})
+            args = OMSArgs()
         p.oms_args = args
         p.oms_last_batch = None
         return args
