@@ -211,15 +211,6 @@ class OpenClipTowerEncoder(PromptEncoder):
         self.device = torch.device(device) if device is not None else weight.device
         self.dtype = dtype if dtype is not None else weight.dtype
 
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> OpenClipTowerEncoder:
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self
-
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L <= 77] -> [B, L, hidden_size] after ``num_layers`` blocks + ln_final."""

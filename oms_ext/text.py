@@ -70,11 +70,15 @@ class PromptEncoder(abc.ABC):
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         """Encode ``prompts`` to [len(prompts), 77, hidden_size]."""
 
-    @abc.abstractmethod
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PromptEncoder:
-        """Move the output (and, for owned weights, the weights) to ``device``/``dtype``."""
+        """Set where outputs land; encoders that own weights also move them (override)."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
 
 
 def tokenize_fn(tokenizer: Any) -> TokenizeFn:
@@ -161,10 +165,7 @@ class ClipPromptEncoder(PromptEncoder):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> ClipPromptEncoder:
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
+        super().to(device=device, dtype=dtype)
         if self.owns_model:
             self.model.to(device=self.device, dtype=self.dtype)
         return self
