@@ -219,6 +219,16 @@ def test_infotext_records_marker_version_alpha_bar_and_non_defaults(models_dir):
     assert abs(float(info[ALPHA_BAR_KEY]) - wi.start_alpha_bar_of(p.samplers[0], p.steps)) < 1e-6
 
 
+def test_infotext_names_the_module_auto_resolved_to(tmp_path):
+    folder = wi.install_tiny_module(tmp_path / "oms", name="oms_b_openclip_15_21")
+    weights = folder / "oms_module" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    p, _ = make_run(tmp_path, "1.10", args=[True])
+    wi.process_images(p)
+    assert ALPHA_BAR_KEY in p.infotexts[0]
+    assert p.infotexts[0]["OMS module"] == "oms_b_openclip_15_21"
+
+
 def test_xyz_override_on_p_replaces_the_ui_value(models_dir, tiny_model):
     p, _ = make_run(models_dir, "1.10")
     p.oms_cfg = 5.0

@@ -100,10 +100,23 @@ class AxisOption:
         prepare=None,
     ):
         self.label, self.type, self.apply, self.choices = label, type, apply, choices
+        self.is_img2img = None
+
+
+class AxisOptionTxt2Img(AxisOption):
+    """A1111 1.10.1 / Forge: an axis the XYZ script lists in txt2img only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_img2img = False
 
 
 def _xyz_scripts_data():
-    xyz = SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Nothing", str, None)])
+    xyz = SimpleNamespace(
+        AxisOption=AxisOption,
+        AxisOptionTxt2Img=AxisOptionTxt2Img,
+        axis_options=[AxisOption("Nothing", str, None)],
+    )
     script_class = type("Script", (), {"__module__": "xyz_grid.py"})
     return xyz, [SimpleNamespace(script_class=script_class, module=xyz)]
 
@@ -123,3 +136,16 @@ def test_xyz_axes_are_registered_once_and_set_fields_on_p():
     p = SimpleNamespace()
     xyz.axis_options[3].apply(p, 3.0, None)
     assert p.oms_cfg == 3.0
+
+
+def test_xyz_axes_are_offered_in_txt2img_only():
+    xyz, data = _xyz_scripts_data()
+    register_xyz_axes(data, lambda: ["Auto"])
+    assert all(o.is_img2img is False for o in xyz.axis_options[1:])
+
+
+def test_xyz_axes_fall_back_to_plain_axis_option_without_txt2img_class():
+    xyz, data = _xyz_scripts_data()
+    del xyz.AxisOptionTxt2Img
+    assert register_xyz_axes(data, lambda: ["Auto"]) is True
+    assert all(type(o) is AxisOption for o in xyz.axis_options)

@@ -24,7 +24,9 @@ from oms_ext.spaces import UnsupportedModelError
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.args import (
     ALPHA_BAR_KEY,
+    AUTO_MODULE,
     ENABLED_KEY,
+    FIELD_BY_ATTR,
     FIELDS,
     NOTE_KEY,
     SKIPPED_KEY,
@@ -42,6 +44,7 @@ from oms_ext.webui.provider import (
     provide_model,
     should_offload,
 )
+from oms_ext.webui.registry import auto_module
 from oms_ext.webui.runner import Outcome, run_oms, skipped
 
 _OMS_INFOTEXT_KEYS = (
@@ -195,7 +198,12 @@ class OMSController:
         )
         if loaded and should_offload(settings, host_low_vram):
             self.host.cache.offload()
-        _record(p, outcome.infotext, replace=first_pass)
+        infotext = outcome.infotext
+        if outcome.applied and p.oms_args.module == AUTO_MODULE:
+            # Name the module "Auto" picked, so pasting the infotext reproduces the image
+            # even on a checkpoint of another family.
+            infotext = {**infotext, FIELD_BY_ATTR["module"].label: auto_module(inputs.family)}
+        _record(p, infotext, replace=first_pass)
         if outcome.message:
             self.host.log(outcome.message)
         return outcome

@@ -128,8 +128,9 @@ def axis_label(attr: str) -> str:
 def register_xyz_axes(
     scripts_data: Sequence[Any], module_choices: Callable[[], Sequence[str]]
 ) -> bool:
-    """Add the "[OMS] ..." axes to the XYZ-grid script once. Each axis stores its value on
-    ``p`` as ``p.oms_<field>``, which the controller reads over the UI values. Returns
+    """Add the "[OMS] ..." axes to the XYZ-grid script once, listed for txt2img only (OMS
+    leaves img2img alone). Each axis stores its value on ``p`` as ``p.oms_<field>``, which
+    the controller reads over the UI values. Returns
     whether axes were added (False: no XYZ script, or already registered)."""
     xyz = next(
         (
@@ -141,6 +142,7 @@ def register_xyz_axes(
     )
     if xyz is None or any(str(o.label).startswith(XYZ_PREFIX) for o in xyz.axis_options):
         return False
+    axis_option = getattr(xyz, "AxisOptionTxt2Img", xyz.AxisOption)
     kinds = {
         "bool": {"type": str, "choices": lambda: ["True", "False"]},
         "str": {"type": str},
@@ -153,7 +155,7 @@ def register_xyz_axes(
             continue
         spec = kinds[field.axis]
         xyz.axis_options.append(
-            xyz.AxisOption(
+            axis_option(
                 axis_label(field.attr),
                 spec["type"],
                 _set_field(field.attr),
