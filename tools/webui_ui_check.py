@@ -71,7 +71,7 @@ def read_accordion(page: Page) -> dict[str, str]:
 
 def generate(page: Page, timeout_s: float) -> str:
     """Click Generate and return the new infotext shown under the image."""
-    info = page.locator("#html_info_txt2img")
+    info = page.locator("#html_info_txt2img").first  # gradio 3.41 repeats the id inside
     before = info.inner_text()
     page.locator("#txt2img_generate").click()
     deadline = time.monotonic() + timeout_s
