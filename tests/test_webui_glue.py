@@ -66,10 +66,10 @@ def expected_vp_start(model, p, batch: int, cfg: float = 2.0) -> torch.Tensor:
 
 
 SAMPLERS = {
-    "euler_a_karras": lambda opts: wi.KDiffusionSampler(opts=opts),
-    "euler_a_uniform": lambda opts: wi.KDiffusionSampler(scheduler="uniform", opts=opts),
-    "ddim": lambda opts: wi.CompVisSampler(wi.ddim),
-    "unipc": lambda opts: wi.CompVisSampler(wi.unipc),
+    "euler_a_karras": lambda opts, version: wi.KDiffusionSampler(opts=opts),
+    "euler_a_uniform": lambda opts, version: wi.KDiffusionSampler(scheduler="uniform", opts=opts),
+    "ddim": lambda opts, version: wi.CompVisSampler(wi.ddim, version),
+    "unipc": lambda opts, version: wi.CompVisSampler(wi.unipc, version),
 }
 
 
@@ -77,7 +77,7 @@ SAMPLERS = {
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_sampler_starts_from_oms_x_T_in_its_own_space(models_dir, tiny_model, version, sampler):
     opts = SimpleNamespace(sgm_noise_multiplier=False)
-    p, _ = make_run(models_dir, version, sampler_factory=lambda: SAMPLERS[sampler](opts))
+    p, _ = make_run(models_dir, version, sampler_factory=lambda: SAMPLERS[sampler](opts, version))
     wi.process_images(p)
     got = wi.vp_start_of(p.samplers[0], p.steps)
     torch.testing.assert_close(got, expected_vp_start(tiny_model, p, 0), atol=2e-5, rtol=1e-4)

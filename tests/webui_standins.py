@@ -99,16 +99,19 @@ class KDiffusionSampler:
 
 
 class CompVisSampler:
-    """A1111 1.10.1 / Forge ``sd_samplers_timesteps.CompVisSampler`` (DDIM, PLMS, UniPC):
+    """A1111 1.6.0-1.10.1 / Forge ``sd_samplers_timesteps.CompVisSampler`` (DDIM, PLMS, UniPC):
     ``get_timesteps`` = ``range(0, 1000, 1000 // steps) + 1`` clipped to 999; samples from the
-    unit noise as is."""
+    unit noise as is. The sampling functions read the schedule as
+    ``model_wrap_cfg.inner_model.inner_model.alphas_cumprod``; A1111 1.10.1 and Forge also
+    keep the timestep denoiser as ``model_wrap``, A1111 1.6.0 does not."""
 
-    def __init__(self, func=ddim):
+    def __init__(self, func=ddim, version: str = "1.10"):
         self.funcname = func.__name__
         self.func = func
-        self.model_wrap = SimpleNamespace(
-            inner_model=SimpleNamespace(alphas_cumprod=sd_alphas_cumprod())
-        )
+        denoiser = SimpleNamespace(inner_model=SimpleNamespace(alphas_cumprod=sd_alphas_cumprod()))
+        self.model_wrap_cfg = SimpleNamespace(inner_model=denoiser)
+        if version != "1.6":
+            self.model_wrap = denoiser
         self.start_latent: torch.Tensor | None = None
 
     def get_timesteps(self, p, steps: int) -> torch.Tensor:
@@ -267,7 +270,7 @@ def start_alpha_bar_of(sampler: Any, steps: int) -> float:
     """The VP alpha_bar where the stand-in sampler starts (test oracle, from WebUI facts)."""
     if isinstance(sampler, CompVisSampler):
         t0 = 999 if sampler.funcname == "unipc" else int(sampler.get_timesteps(None, steps)[-1])
-        return float(sampler.model_wrap.inner_model.alphas_cumprod[t0])
+        return float(sampler.model_wrap_cfg.inner_model.inner_model.alphas_cumprod[t0])
     sigma = float(sampler.get_sigmas(None, steps)[0])
     return 1.0 / (1.0 + sigma * sigma)
 

@@ -8,8 +8,10 @@ Both WebUI families give every txt2img sampler the same two shapes, duck-typed h
   model's largest sigma ``model_wrap.sigmas[-1]`` instead.
 * timestep samplers (``CompVisSampler``: DDIM, DDIM CFG++, PLMS, UniPC):
   ``get_timesteps(p, steps)`` (ascending, the last is where sampling starts) and the VP
-  schedule ``model_wrap.inner_model.alphas_cumprod``; UniPC ignores the timesteps and starts
-  at the last training timestep.
+  schedule the sampling functions read, ``model_wrap_cfg.inner_model.inner_model.alphas_cumprod``
+  (the CFG denoiser's timestep denoiser over ``sd_model``; A1111 1.6 has no ``model_wrap``
+  shortcut on the sampler); UniPC ignores the timesteps and starts at the last training
+  timestep.
 
 Calling the sampler's own methods means every scheduler, step count, "discard penultimate
 sigma" and sigma min/max option is honoured exactly as the WebUI will sample.
@@ -69,7 +71,8 @@ def sampler_start(
             sampler_sigma0=own_sigma0,
         )
     if hasattr(sampler, "get_timesteps"):
-        alphas = torch.as_tensor(sampler.model_wrap.inner_model.alphas_cumprod)
+        denoiser = sampler.model_wrap_cfg.inner_model
+        alphas = torch.as_tensor(denoiser.inner_model.alphas_cumprod)
         alphas = alphas.detach().double().cpu()
         if _function_name(sampler) == "unipc":
             t0 = alphas.shape[0] - 1
