@@ -43,7 +43,7 @@ def _choices() -> list[str]:
 def _input_accordion():
     try:
         from modules.ui_components import InputAccordion
-    except ImportError:  # A1111 < 1.7
+    except ImportError:  # forks without it (A1111 has it since 1.6)
         return None
     return InputAccordion
 

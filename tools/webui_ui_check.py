@@ -16,6 +16,7 @@ developer tool, not part of the extension or of the test suite.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import time
@@ -36,25 +37,43 @@ def set_number(page: Page, elem_id: str, value: str) -> None:
     box.blur()
 
 
-def accordion_checkbox(page: Page) -> Locator:
-    """The checkbox in the accordion's header (InputAccordion), else the plain checkbox."""
+def header_checkbox(page: Page) -> Locator | None:
+    """The checkbox in the accordion's header (InputAccordion of A1111 >= 1.7 and Forge)."""
     header = page.locator("#oms_enabled-visible-checkbox")
-    return header if header.count() else page.locator("#oms_enabled input[type=checkbox]")
+    return header if header.count() else None
 
 
-def open_accordion(page: Page) -> None:
-    if page.locator("#oms_prompt textarea").is_visible():
-        return
+def accordion_checkbox(page: Page) -> Locator:
+    """The checkbox holding the enable value: the header one, else InputAccordion's hidden
+    checkbox (A1111 1.6: the accordion is on while it is open), else the plain checkbox."""
+    header = header_checkbox(page)
+    if header is not None:
+        return header
+    hidden = page.locator("#oms_enabled-checkbox input[type=checkbox]")
+    return hidden if hidden.count() else page.locator("#oms_enabled input[type=checkbox]")
+
+
+def toggle_accordion(page: Page) -> None:
     page.locator("#oms_enabled .label-wrap, #oms_accordion .label-wrap").first.click(
         position={"x": 300, "y": 10}
     )
+    page.wait_for_timeout(300)
+
+
+def open_accordion(page: Page) -> None:
+    if not page.locator("#oms_prompt textarea").is_visible():
+        toggle_accordion(page)
     page.locator("#oms_prompt textarea").wait_for(state="visible")
 
 
 def set_enabled(page: Page, on: bool) -> None:
     box = accordion_checkbox(page)
-    if box.is_checked() != on:
+    if box.is_checked() == on:
+        return
+    if box.is_visible():
         box.click()
+    else:  # A1111 1.6 InputAccordion: opening the accordion turns it on
+        toggle_accordion(page)
     page.wait_for_timeout(300)
 
 
@@ -69,16 +88,24 @@ def read_accordion(page: Page) -> dict[str, str]:
     }
 
 
+def shown_seed(text: str) -> str | None:
+    found = re.search(r"Seed: (\d+)", text)
+    return found.group(1) if found else None
+
+
 def generate(page: Page, timeout_s: float) -> str:
-    """Click Generate and return the new infotext shown under the image."""
+    """Click Generate (random seed) and return the infotext of the new image: the one whose
+    seed differs from the image shown before (progress text also changes the element)."""
     info = page.locator("#html_info_txt2img").first  # gradio 3.41 repeats the id inside
-    before = info.inner_text()
+    before = shown_seed(info.inner_text())
+    page.locator("#txt2img_seed input[type=number]").fill("-1")
     page.locator("#txt2img_generate").click()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         page.wait_for_timeout(1000)
         text = info.inner_text()
-        if text != before and "Seed:" in text:
+        seed = shown_seed(text)
+        if seed is not None and seed != before:
             return text
     raise TimeoutError(f"no new infotext after {timeout_s:.0f} s")
 
@@ -127,13 +154,13 @@ def main() -> int:
         )
         check("OMS on: module recorded", "OMS module: " in on_info)
 
+        # Reset the accordion, turn it off, generate, then paste the OMS-on infotext back.
+        page.locator("#oms_prompt textarea").fill("")
+        set_number(page, "oms_cfg", "7")
         set_enabled(page, False)
         off_info = generate(page, args.timeout)
         check("OMS off: no OMS keys", "OMS" not in off_info, off_info[-200:])
 
-        # Reset the accordion, then paste the OMS-on infotext back.
-        page.locator("#oms_prompt textarea").fill("")
-        set_number(page, "oms_cfg", "7")
         page.locator("#txt2img_prompt textarea").fill(on_info)
         page.locator("#txt2img_tools #paste, #paste").first.click()
         page.wait_for_timeout(3000)
