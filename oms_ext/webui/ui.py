@@ -43,7 +43,7 @@ def build_ui(
     version: str,
 ) -> Built:
     """Build the accordion (closed by default). ``input_accordion`` is the WebUI's
-    ``InputAccordion`` (A1111 >= 1.7, Forge) or None (then an Accordion holding a checkbox)."""
+    ``InputAccordion`` (A1111 >= 1.6, Forge) or None (then an Accordion holding a checkbox)."""
     defaults = OMSArgs()
     title = f"{TITLE} v{version}"
     if input_accordion is not None:
