@@ -182,10 +182,22 @@ def _causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> torch
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
 
 
+def plain_token_embedding(tower: torch.nn.Module) -> torch.nn.Module:
+    """The tower's own token embedding. AUTOMATIC1111 swaps ``token_embedding`` for its
+    textual-inversion wrapper (``EmbeddingsWithFixes``: the original as ``.wrapped``, no
+    ``weight``, and calling it consumes the fixes queued for the image's prompt), so OMS
+    unwraps it and embeds the plain tokens itself."""
+    embedding = tower.token_embedding
+    while not hasattr(embedding, "weight") and hasattr(embedding, "wrapped"):
+        embedding = embedding.wrapped
+    return embedding
+
+
 class OpenClipTowerEncoder(PromptEncoder):
     """A borrowed open_clip-layout text tower (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks``, ``ln_final``, optional ``attn_mask``) run through its first
-    ``num_layers`` blocks, then ``ln_final``; causal mask, no padding mask. The tower's weights
+    ``num_layers`` blocks, then ``ln_final``; causal mask, no padding mask; a WebUI's wrapper
+    around ``token_embedding`` is bypassed (:func:`plain_token_embedding`). The tower's weights
     are never copied or moved: computation runs where they are, results land on
     ``device``/``dtype``."""
 
@@ -203,7 +215,7 @@ class OpenClipTowerEncoder(PromptEncoder):
             raise ValueError(
                 f"num_layers must be in 1..{depth} for this text tower, got {num_layers}"
             )
-        weight = tower.token_embedding.weight
+        weight = plain_token_embedding(tower).weight
         self.tower = tower
         self.tokenize = tokenize
         self.num_layers = num_layers
@@ -215,9 +227,9 @@ class OpenClipTowerEncoder(PromptEncoder):
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L <= 77] -> [B, L, hidden_size] after ``num_layers`` blocks + ln_final."""
         tower = self.tower
-        weight = tower.token_embedding.weight
+        embedding = plain_token_embedding(tower)
         length = ids.shape[1]
-        x = tower.token_embedding(ids.to(weight.device))
+        x = embedding(ids.to(embedding.weight.device))
         x = x + tower.positional_embedding[:length].to(x.dtype)
         mask = getattr(tower, "attn_mask", None)
         if mask is None:

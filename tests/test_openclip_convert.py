@@ -235,6 +235,34 @@ def test_wrapped_tower_accepts_openclip_tokenize_function(tower, vocab_tokenizer
     assert torch.equal(with_function, with_tokenizer)
 
 
+class EmbeddingsWithFixes(torch.nn.Module):
+    """A1111 1.10.1 ``modules/sd_hijack.EmbeddingsWithFixes``: stands in for the tower's
+    ``token_embedding`` while a model is hijacked; the original is ``wrapped``, it has no
+    ``weight``, and each call consumes the textual-inversion fixes queued for a prompt."""
+
+    def __init__(self, wrapped: torch.nn.Module) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.wrapped(input_ids) + 1.0
+
+
+def test_wrapped_tower_embeds_plain_tokens_under_a1111_embedding_hijack(
+    tower, prompt_ids, vocab_tokenizer
+) -> None:
+    import copy
+
+    hijacked = copy.deepcopy(tower)
+    hijacked.token_embedding = EmbeddingsWithFixes(hijacked.token_embedding)
+    encoder = wrap_openclip_tower(hijacked, vocab_tokenizer, num_layers=2)
+    expected = wrap_openclip_tower(tower, vocab_tokenizer, num_layers=2).encode_ids(prompt_ids)
+    assert torch.equal(encoder.encode_ids(prompt_ids), expected)
+    assert hijacked.token_embedding.calls == 0
+
+
 def test_wrapped_tower_rejects_more_layers_than_it_has(tower, vocab_tokenizer) -> None:
     with pytest.raises(ValueError, match=r"num_layers must be in 1\.\.3"):
         wrap_openclip_tower(tower, vocab_tokenizer, num_layers=23)
