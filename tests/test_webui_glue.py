@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from oms_ext import load_oms, oms_start
+from oms_ext.webui import glue
 from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
@@ -197,6 +198,25 @@ def test_load_error_skips_oms_and_the_image_is_still_sampled(models_dir, version
     wi.process_images(p)
     assert "OMSLoadError" in p.infotexts[0][SKIPPED_KEY]
     assert p.samplers[0].start_latent is not None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unexpected_error_skips_oms_with_the_reason_and_the_image_is_still_sampled(
+    models_dir, version, monkeypatch
+):
+    def broken(*_args, **_kwargs):
+        raise AttributeError("'EmbeddingsWithFixes' object has no attribute 'weight'")
+
+    monkeypatch.setattr(glue, "provide_model", broken)
+    p, log = make_run(models_dir, version)
+    wi.process_images(p)
+    info = p.infotexts[0]
+    assert info[ENABLED_KEY] == "True"
+    assert info[SKIPPED_KEY].startswith("internal error (AttributeError: 'EmbeddingsWithFixes'")
+    assert any("Traceback" in line for line in log)
+    seed_noise = wi.ImageRNG((4, 8, 8), p.all_seeds[:2]).first()
+    sigma0 = p.samplers[0].get_sigmas(p, 4)[0]
+    torch.testing.assert_close(p.samplers[0].start_latent, seed_noise * sigma0)
 
 
 def test_disabled_oms_leaves_noise_and_infotext_alone(models_dir):

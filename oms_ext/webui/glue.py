@@ -126,7 +126,7 @@ class OMSController:
         """A1111 >= 1.10 and Forge: replace the batch's noise ``x`` right before sampling."""
         if not self.host.before_every_sampling or not self._enabled(p):
             return
-        outcome = self._run(p, x)
+        outcome = self._run_guarded(p, x)
         if outcome.noise is None:
             return
         if self.host.kind == "forge":
@@ -148,21 +148,24 @@ class OMSController:
         return args is not None and args.enabled
 
     def _noise_from_first_draw(self, p: Any, x: torch.Tensor) -> torch.Tensor:
-        # This runs inside p.sample(), where no WebUI callback guard catches errors: any
-        # failure is reported with its traceback and the image is sampled from x unchanged.
-        try:
-            outcome = self._run(p, x)
-        except Exception:
-            self.host.log(
-                "[OMS] One More Step failed; sampling from the seed's noise:\n"
-                + traceback.format_exc()
-            )
-            _record(p, {SKIPPED_KEY: "internal error (see console)"})
-            return x
+        outcome = self._run_guarded(p, x)
         if getattr(p, "enable_hr", False):
             # Before 1.10 the hires pass has no hook to note itself: say it here, once.
             _record(p, {NOTE_KEY: a1111.HIRES_NOTE}, replace=False)
         return x if outcome.noise is None else outcome.noise
+
+    def _run_guarded(self, p: Any, x: torch.Tensor) -> Outcome:
+        """:meth:`_run`, where any unexpected failure leaves the noise alone, prints its
+        traceback and says "OMS skipped: internal error ..." in the infotext: the image is
+        always sampled (from the seed's noise), whatever breaks inside OMS."""
+        try:
+            return self._run(p, x)
+        except Exception as e:
+            detail = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            outcome = skipped(p.oms_args, f"internal error ({detail}); traceback in the console")
+            self.host.log(f"{outcome.message}\n{traceback.format_exc()}")
+            _record(p, outcome.infotext)
+            return outcome
 
     def _run(self, p: Any, x: torch.Tensor) -> Outcome:
         batch = getattr(p, "iteration", 0)
