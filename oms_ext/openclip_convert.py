@@ -182,12 +182,11 @@ def _causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> torch
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
 
 
-def plain_token_embedding(tower: torch.nn.Module) -> torch.nn.Module:
-    """The tower's own token embedding. AUTOMATIC1111 swaps ``token_embedding`` for its
-    textual-inversion wrapper (``EmbeddingsWithFixes``: the original as ``.wrapped``, no
-    ``weight``, and calling it consumes the fixes queued for the image's prompt), so OMS
-    unwraps it and embeds the plain tokens itself."""
-    embedding = tower.token_embedding
+def plain_embedding(embedding: torch.nn.Module) -> torch.nn.Module:
+    """The token embedding under a WebUI's wrapper. AUTOMATIC1111 swaps a text encoder's
+    token embedding for its textual-inversion wrapper (``EmbeddingsWithFixes``: the original
+    as ``.wrapped``, no ``weight``, and calling it consumes the fixes queued for the image's
+    prompt), so OMS unwraps it and embeds the plain tokens itself."""
     while not hasattr(embedding, "weight") and hasattr(embedding, "wrapped"):
         embedding = embedding.wrapped
     return embedding
@@ -197,7 +196,7 @@ class OpenClipTowerEncoder(PromptEncoder):
     """A borrowed open_clip-layout text tower (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks``, ``ln_final``, optional ``attn_mask``) run through its first
     ``num_layers`` blocks, then ``ln_final``; causal mask, no padding mask; a WebUI's wrapper
-    around ``token_embedding`` is bypassed (:func:`plain_token_embedding`). The tower's weights
+    around ``token_embedding`` is bypassed (:func:`plain_embedding`). The tower's weights
     are never copied or moved: computation runs where they are, results land on
     ``device``/``dtype``."""
 
@@ -215,7 +214,7 @@ class OpenClipTowerEncoder(PromptEncoder):
             raise ValueError(
                 f"num_layers must be in 1..{depth} for this text tower, got {num_layers}"
             )
-        weight = plain_token_embedding(tower).weight
+        weight = plain_embedding(tower.token_embedding).weight
         self.tower = tower
         self.tokenize = tokenize
         self.num_layers = num_layers
@@ -227,7 +226,7 @@ class OpenClipTowerEncoder(PromptEncoder):
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L <= 77] -> [B, L, hidden_size] after ``num_layers`` blocks + ln_final."""
         tower = self.tower
-        embedding = plain_token_embedding(tower)
+        embedding = plain_embedding(tower.token_embedding)
         length = ids.shape[1]
         x = embedding(ids.to(embedding.weight.device))
         x = x + tower.positional_embedding[:length].to(x.dtype)

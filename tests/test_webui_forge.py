@@ -11,6 +11,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from oms_ext import load_oms
+from oms_ext.text import wrap_transformers_clip
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
@@ -69,6 +70,92 @@ def test_forge_sd2_encoder_uses_23_of_24_layers_plus_final_norm():
     ids = encoder.tokenize(["a cat"])
     hidden = transformer(input_ids=ids, output_hidden_states=True).hidden_states[23]
     expected = transformer.text_model.final_layer_norm(hidden)
+    torch.testing.assert_close(encoder(["a cat"]), expected)
+
+
+class ComfyCLIPTextModel_(torch.nn.Module):
+    """reForge ``ldm_patched/modules/clip_model.CLIPTextModel_`` (ComfyUI code): the forward
+    contract (``embeds``, ``intermediate_output`` counted from 0, ``final_layer_norm_intermediate``,
+    returns ``(x, intermediate, pooled, hidden_states)``), run on a transformers model's layers."""
+
+    def __init__(self, hf: CLIPTextModel) -> None:
+        super().__init__()
+        self.hf = hf
+        self.embeddings = hf.text_model.embeddings
+        self.final_layer_norm = hf.text_model.final_layer_norm
+
+    def forward(
+        self,
+        input_tokens=None,
+        attention_mask=None,
+        embeds=None,
+        num_tokens=None,
+        intermediate_output=None,
+        final_layer_norm_intermediate=True,
+        dtype=torch.float32,
+        output_hidden_states=False,
+    ):
+        if embeds is None:
+            embeds = self.embeddings.token_embedding(input_tokens)
+        x = embeds + self.embeddings.position_embedding.weight.to(dtype)
+        length = x.shape[1]
+        mask = torch.full((length, length), -torch.finfo(x.dtype).max).triu_(1)[None, None]
+        intermediate = None
+        for i, layer in enumerate(self.hf.text_model.encoder.layers):
+            x = layer(x, None, mask)[0]
+            if i == intermediate_output:
+                intermediate = x.clone()
+        x = self.final_layer_norm(x)
+        if intermediate is not None and final_layer_norm_intermediate:
+            intermediate = self.final_layer_norm(intermediate)
+        pooled = x[torch.arange(x.shape[0]), input_tokens.argmax(dim=-1)]
+        return x, intermediate, pooled, None
+
+
+class ComfyCLIPTextModel(torch.nn.Module):
+    """reForge ``ldm_patched/modules/clip_model.CLIPTextModel``: ``num_layers``, ``text_model``,
+    no transformers ``config``."""
+
+    def __init__(self, hf: CLIPTextModel) -> None:
+        super().__init__()
+        self.num_layers = hf.config.num_hidden_layers
+        self.text_model = ComfyCLIPTextModel_(hf)
+
+
+def _reforge_sd2():
+    """reForge SD2: forge_objects.clip.cond_stage_model.clip_h.transformer is ComfyUI-style."""
+    sd_model = _forge_sd2()
+    clip = sd_model.forge_objects.clip
+    hf = clip.cond_stage_model.clip_h.transformer
+    clip.cond_stage_model.clip_h.transformer = ComfyCLIPTextModel(hf)
+    return sd_model, hf, clip.tokenizer.clip_h
+
+
+def test_reforge_sd2_encoder_gives_the_23_layer_state_of_its_comfyui_clip():
+    sd_model, hf, tokenizer = _reforge_sd2()
+    encoder = forge.sd2_text_encoder(sd_model)
+    expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(["a cat", "dark night!"])
+    torch.testing.assert_close(encoder(["a cat", "dark night!"]), expected)
+
+
+def test_reforge_sd2_encoder_embeds_plain_tokens_under_a_textual_inversion_wrapper():
+    sd_model, hf, tokenizer = _reforge_sd2()
+    embeddings = hf.text_model.embeddings
+    original = embeddings.token_embedding
+
+    class Wrapper(torch.nn.Module):  # A1111's EmbeddingsWithFixes: .wrapped, no .weight
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapped = original
+
+        def forward(self, ids):
+            raise AssertionError("the wrapper would consume the image prompt's fixes")
+
+    embeddings.token_embedding = Wrapper()
+    encoder = forge.sd2_text_encoder(sd_model)
+    embeddings.token_embedding = original
+    expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(["a cat"])
+    embeddings.token_embedding = Wrapper()
     torch.testing.assert_close(encoder(["a cat"]), expected)
 
 
