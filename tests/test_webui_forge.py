@@ -123,8 +123,11 @@ class ComfyCLIPTextModel(torch.nn.Module):
 
 
 def _reforge_sd2():
-    """reForge SD2: forge_objects.clip.cond_stage_model.clip_h.transformer is ComfyUI-style."""
+    """reForge SD2: forge_objects.clip.cond_stage_model.clip_h.transformer is ComfyUI-style,
+    and the model is flagged ``is_sd1`` (reForge's ``is_sd2`` test looks for a ``model``
+    attribute its CLIP_SD_21_H wrapper does not have)."""
     sd_model = _forge_sd2()
+    sd_model.is_sd1, sd_model.is_sd2 = True, False
     clip = sd_model.forge_objects.clip
     hf = clip.cond_stage_model.clip_h.transformer
     clip.cond_stage_model.clip_h.transformer = ComfyCLIPTextModel(hf)
@@ -157,6 +160,19 @@ def test_reforge_sd2_encoder_embeds_plain_tokens_under_a_textual_inversion_wrapp
     expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(["a cat"])
     embeddings.token_embedding = Wrapper()
     torch.testing.assert_close(encoder(["a cat"]), expected)
+
+
+def test_reforge_sd2_checkpoint_flagged_sd1_is_recognised_as_sd2():
+    sd_model, _, _ = _reforge_sd2()
+    assert forge.model_family(sd_model) == "sd2"
+
+
+def test_sd1_checkpoint_with_a_clip_l_stays_sd1():
+    sd_model = wi.forge_sd_model(wi.Prediction())
+    sd_model.forge_objects.clip = SimpleNamespace(
+        cond_stage_model=SimpleNamespace(clip_l=object())
+    )
+    assert forge.model_family(sd_model) == "sd1"
 
 
 def test_non_sd2_checkpoints_lend_no_text_encoder():

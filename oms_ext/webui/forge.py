@@ -60,11 +60,23 @@ def prediction_type(pred: Any) -> str:
     return "v" if "V_PREDICTION" in _class_names(pred) else "eps"
 
 
+def _text_encoder_names(sd_model: Any) -> set[str]:
+    """Which of Forge's text encoder slots (clip_l, clip_g, clip_h, ...) the model fills."""
+    clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
+    holder = getattr(clip, "cond_stage_model", None)
+    names = ("clip_l", "clip_g", "clip_h", "t5xxl")
+    return {name for name in names if getattr(holder, name, None) is not None}
+
+
 def model_family(sd_model: Any) -> str:
-    """ "sdxl", "sd3", "sd2", "sd1", "flow" (Flux, Chroma, ...) or "unknown"."""
+    """ "sdxl", "sd3", "sd2", "sd1", "flow" (Flux, Chroma, ...) or "unknown". An SD1 flag on
+    a model whose only text encoder is OpenCLIP-H means SD2.x: reForge sets ``is_sd2`` from an
+    attribute its own text-encoder wrapper hides, so it flags SD2 checkpoints as SD1."""
     family = _flag_family(sd_model)
     if family == "unknown" and is_flow(predictor(sd_model)):
         return "flow"
+    if family == "sd1" and _text_encoder_names(sd_model) == {"clip_h"}:
+        return "sd2"
     return family
 
 
