@@ -73,93 +73,48 @@ def test_forge_sd2_encoder_uses_23_of_24_layers_plus_final_norm():
     torch.testing.assert_close(encoder(["a cat"]), expected)
 
 
-class ComfyCLIPTextModel_(torch.nn.Module):
-    """reForge ``ldm_patched/modules/clip_model.CLIPTextModel_`` (ComfyUI code): the forward
-    contract (``embeds``, ``intermediate_output`` counted from 0, ``final_layer_norm_intermediate``,
-    returns ``(x, intermediate, pooled, hidden_states)``), run on a transformers model's layers."""
+class SD2ClipHTokenizer:
+    """reForge ``ldm_patched/modules/text_encoders/sd2_clip.SD2ClipHTokenizer``: a ComfyUI
+    tokenizer object (not a transformers tokenizer) holding one as ``.tokenizer``."""
 
-    def __init__(self, hf: CLIPTextModel) -> None:
+    def __init__(self, inner) -> None:
+        self.tokenizer = inner
+
+
+class EmbeddingsWithFixes(torch.nn.Module):
+    """A1111's textual-inversion wrapper, which reForge puts around the SD2 encoder's
+    ``text_model.embeddings.token_embedding`` (``forge_loader.py``); with no fixes queued it
+    returns the wrapped embedding's output."""
+
+    def __init__(self, wrapped: torch.nn.Module) -> None:
         super().__init__()
-        self.hf = hf
-        self.embeddings = hf.text_model.embeddings
-        self.final_layer_norm = hf.text_model.final_layer_norm
+        self.wrapped = wrapped
 
-    def forward(
-        self,
-        input_tokens=None,
-        attention_mask=None,
-        embeds=None,
-        num_tokens=None,
-        intermediate_output=None,
-        final_layer_norm_intermediate=True,
-        dtype=torch.float32,
-        output_hidden_states=False,
-    ):
-        if embeds is None:
-            embeds = self.embeddings.token_embedding(input_tokens)
-        x = embeds + self.embeddings.position_embedding.weight.to(dtype)
-        length = x.shape[1]
-        mask = torch.full((length, length), -torch.finfo(x.dtype).max).triu_(1)[None, None]
-        intermediate = None
-        for i, layer in enumerate(self.hf.text_model.encoder.layers):
-            x = layer(x, None, mask)[0]
-            if i == intermediate_output:
-                intermediate = x.clone()
-        x = self.final_layer_norm(x)
-        if intermediate is not None and final_layer_norm_intermediate:
-            intermediate = self.final_layer_norm(intermediate)
-        pooled = x[torch.arange(x.shape[0]), input_tokens.argmax(dim=-1)]
-        return x, intermediate, pooled, None
-
-
-class ComfyCLIPTextModel(torch.nn.Module):
-    """reForge ``ldm_patched/modules/clip_model.CLIPTextModel``: ``num_layers``, ``text_model``,
-    no transformers ``config``."""
-
-    def __init__(self, hf: CLIPTextModel) -> None:
-        super().__init__()
-        self.num_layers = hf.config.num_hidden_layers
-        self.text_model = ComfyCLIPTextModel_(hf)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(input_ids)
 
 
 def _reforge_sd2():
-    """reForge SD2: forge_objects.clip.cond_stage_model.clip_h.transformer is ComfyUI-style,
-    and the model is flagged ``is_sd1`` (reForge's ``is_sd2`` test looks for a ``model``
-    attribute its CLIP_SD_21_H wrapper does not have)."""
+    """reForge main (2026-03) SD2: a transformers CLIPTextModel at clip_h.transformer with
+    A1111's embedding wrapper, a ComfyUI tokenizer at tokenizer.clip_h, and the model flagged
+    ``is_sd1`` (reForge's ``is_sd2`` test looks for a ``model`` attribute its CLIP_SD_21_H
+    wrapper does not have)."""
     sd_model = _forge_sd2()
     sd_model.is_sd1, sd_model.is_sd2 = True, False
     clip = sd_model.forge_objects.clip
     hf = clip.cond_stage_model.clip_h.transformer
-    clip.cond_stage_model.clip_h.transformer = ComfyCLIPTextModel(hf)
-    return sd_model, hf, clip.tokenizer.clip_h
+    tokenizer = clip.tokenizer.clip_h
+    clip.tokenizer.clip_h = SD2ClipHTokenizer(tokenizer)
+    return sd_model, hf, tokenizer
 
 
-def test_reforge_sd2_encoder_gives_the_23_layer_state_of_its_comfyui_clip():
+def test_reforge_sd2_encoder_gives_the_23_layer_state_with_sd21_tokens():
     sd_model, hf, tokenizer = _reforge_sd2()
-    encoder = forge.sd2_text_encoder(sd_model)
-    expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(["a cat", "dark night!"])
-    torch.testing.assert_close(encoder(["a cat", "dark night!"]), expected)
-
-
-def test_reforge_sd2_encoder_embeds_plain_tokens_under_a_textual_inversion_wrapper():
-    sd_model, hf, tokenizer = _reforge_sd2()
+    prompts = ["a cat", "dark night!"]
+    expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(prompts)
     embeddings = hf.text_model.embeddings
-    original = embeddings.token_embedding
-
-    class Wrapper(torch.nn.Module):  # A1111's EmbeddingsWithFixes: .wrapped, no .weight
-        def __init__(self) -> None:
-            super().__init__()
-            self.wrapped = original
-
-        def forward(self, ids):
-            raise AssertionError("the wrapper would consume the image prompt's fixes")
-
-    embeddings.token_embedding = Wrapper()
-    encoder = forge.sd2_text_encoder(sd_model)
-    embeddings.token_embedding = original
-    expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(["a cat"])
-    embeddings.token_embedding = Wrapper()
-    torch.testing.assert_close(encoder(["a cat"]), expected)
+    embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding)
+    torch.testing.assert_close(forge.sd2_text_encoder(sd_model)(prompts), expected)
 
 
 def test_reforge_sd2_checkpoint_flagged_sd1_is_recognised_as_sd2():

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
-from oms_ext.openclip_convert import plain_embedding
-from oms_ext.text import PromptEncoder, TokenizeFn, tokenize_fn, wrap_transformers_clip
+from oms_ext.text import PromptEncoder, wrap_transformers_clip
 from oms_ext.webui.a1111 import collect_batch_inputs
 from oms_ext.webui.a1111 import model_family as _flag_family
 from oms_ext.webui.runner import BatchInputs
@@ -120,72 +119,34 @@ class _ManagedEncoder(PromptEncoder):
         return self.inner(prompts)
 
 
-class LdmPatchedClipEncoder(PromptEncoder):
-    """SD2's ViT-H as ldm_patched forks (reForge) hold it: a ComfyUI-style ``CLIPTextModel``
-    (``num_layers`` blocks, ``text_model``; no transformers ``config``). Its ``text_model``
-    returns, second, the state after block ``intermediate_output`` (0-based) passed through
-    the final layer norm when ``final_layer_norm_intermediate`` is set: with 23 blocks that is
-    OMS's text state [B, 77, 1024]. Token embeddings are looked up here, past any WebUI
-    wrapper (:func:`oms_ext.openclip_convert.plain_embedding`)."""
+def _sd21_tokenizer(candidate: Any) -> Any:
+    """The tokenizer OMS was trained with (SD 2.1's, pad "!"): Forge f2's own when it hands a
+    transformers tokenizer; otherwise (ldm_patched forks such as reForge wrap theirs in a
+    ComfyUI tokenizer object) SD 2.1's, rebuilt from open_clip's vocabulary."""
+    from transformers import PreTrainedTokenizerBase
 
-    def __init__(
-        self, transformer: Any, tokenize: TokenizeFn, num_layers: int = SD2_OMS_LAYERS
-    ) -> None:
-        if not 1 <= num_layers <= int(transformer.num_layers):
-            raise ValueError(
-                f"num_layers must be in 1..{transformer.num_layers} for this encoder, "
-                f"got {num_layers}"
-            )
-        weight = transformer.text_model.final_layer_norm.weight
-        self.transformer = transformer
-        self.tokenize = tokenize
-        self.num_layers = num_layers
-        self.hidden_size = int(weight.shape[0])
-        self.device = weight.device
-        self.dtype = weight.dtype
+    if isinstance(candidate, PreTrainedTokenizerBase):
+        return candidate
+    from oms_ext.text import tokenizer_from_openclip_vocab
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        text_model = self.transformer.text_model
-        embedding = plain_embedding(text_model.embeddings.token_embedding)
-        ids = self.tokenize(prompts).to(embedding.weight.device)
-        tokens = embedding(ids)
-        out = text_model(
-            input_tokens=ids,
-            embeds=tokens,
-            intermediate_output=self.num_layers - 1,
-            final_layer_norm_intermediate=True,
-            dtype=tokens.dtype,
-        )
-        return out[1].to(device=self.device, dtype=self.dtype)
+    return tokenizer_from_openclip_vocab()
 
 
 def sd2_text_encoder(sd_model: Any) -> PromptEncoder | None:
-    """The SD2.x checkpoint's own OpenCLIP ViT-H encoder at
-    ``forge_objects.clip.cond_stage_model.clip_h.transformer`` wrapped to give OMS's 23-layer
-    output: a transformers ``CLIPTextModel`` in Forge f2 (with Forge's tokenizer), a
-    ComfyUI-style one in ldm_patched forks (with SD 2.1's tokenizer rebuilt from open_clip's
-    vocabulary). None when the checkpoint is not SD2.x or looks different."""
+    """The SD2.x checkpoint's own OpenCLIP ViT-H encoder (a transformers ``CLIPTextModel`` at
+    ``forge_objects.clip.cond_stage_model.clip_h.transformer`` in Forge f2 and reForge)
+    wrapped to give OMS's 23-layer output; None when the checkpoint is not SD2.x or looks
+    different."""
     if model_family(sd_model) != "sd2":
         return None
     clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
     holder = getattr(getattr(clip, "cond_stage_model", None), "clip_h", None)
     transformer = getattr(holder, "transformer", None)
     config = getattr(transformer, "config", None)
-    inner: PromptEncoder
-    if config is not None:
-        tokenizer = getattr(getattr(clip, "tokenizer", None), "clip_h", None)
-        if tokenizer is None or config.num_hidden_layers < SD2_OMS_LAYERS:
-            return None
-        inner = wrap_transformers_clip(transformer, tokenizer, num_layers=SD2_OMS_LAYERS)
-    elif hasattr(transformer, "text_model") and getattr(transformer, "num_layers", 0) >= (
-        SD2_OMS_LAYERS
-    ):
-        from oms_ext.text import tokenizer_from_openclip_vocab
-
-        inner = LdmPatchedClipEncoder(transformer, tokenize_fn(tokenizer_from_openclip_vocab()))
-    else:
+    if config is None or config.num_hidden_layers < SD2_OMS_LAYERS:
         return None
+    tokenizer = _sd21_tokenizer(getattr(getattr(clip, "tokenizer", None), "clip_h", None))
+    inner = wrap_transformers_clip(transformer, tokenizer, num_layers=SD2_OMS_LAYERS)
     patcher = getattr(clip, "patcher", None)
     return inner if patcher is None else _ManagedEncoder(inner, patcher)
 
