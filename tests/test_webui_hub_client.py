@@ -121,11 +121,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[FakeHub, str]]:
     from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    reset_sessions()  # a session made while offline refuses every request
     fake = FakeHub({name: (TINY / src).read_bytes() for name, src in SERVED.items()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -133,6 +135,8 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[FakeH
     yield fake, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+    monkeypatch.undo()
+    reset_sessions()
 
 
 def test_module_downloads_through_the_endpoint_and_loads(hub, tmp_path) -> None:
