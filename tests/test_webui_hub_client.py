@@ -161,6 +161,14 @@ def test_file_differing_from_the_listed_sha256_is_refused_and_nothing_is_kept(
     assert [p for p in target.parent.iterdir() if p != target] == []
 
 
+def test_the_download_log_names_the_endpoint_in_use(hub, tmp_path) -> None:
+    _, endpoint = hub
+    lines: list[str] = []
+    target = tmp_path / "oms" / "oms_b_openclip_15_21"
+    download_files(REPO_ID, ["model_index.json"], target, endpoint=endpoint, log=lines.append)
+    assert f"from {endpoint}/{REPO_ID} into {target}" in lines[0]
+
+
 def test_files_already_present_are_not_requested_again(hub, tmp_path) -> None:
     fake, endpoint = hub
     target = tmp_path / "oms" / "oms_b_openclip_15_21"
@@ -185,4 +193,4 @@ def test_unreachable_endpoint_names_repo_files_and_folder(hub, tmp_path, monkeyp
     with pytest.raises(DownloadError) as err:
         download_files(REPO_ID, ["model_index.json"], target, endpoint=closed, log=lambda _: None)
     text = str(err.value)
-    assert REPO_ID in text and "model_index.json" in text and str(target) in text
+    assert f"{closed}/{REPO_ID}" in text and "model_index.json" in text and str(target) in text

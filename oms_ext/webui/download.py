@@ -88,6 +88,15 @@ def hub_describe(
     return out
 
 
+#: Where files come from when no mirror endpoint is set.
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def repo_url(repo_id: str, endpoint: str | None = None) -> str:
+    """The web address of ``repo_id`` on ``endpoint`` (a mirror) or the Hugging Face Hub."""
+    return f"{(endpoint or DEFAULT_ENDPOINT).rstrip('/')}/{repo_id}"
+
+
 def missing_files(folder: Path, files: Sequence[str]) -> list[str]:
     """Which of ``files`` are absent from ``folder``. An fp32 weight file stands in for its
     ``.fp16`` variant (a folder holding either one loads)."""
@@ -164,7 +173,7 @@ def download_files(
     todo = missing_files(target, files)
     if not todo:
         return target
-    log(f"[OMS] Downloading {', '.join(todo)} from https://huggingface.co/{repo_id} into {target}")
+    log(f"[OMS] Downloading {', '.join(todo)} from {repo_url(repo_id, endpoint)} into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     remote = describe(repo_id, todo, endpoint)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -173,7 +182,7 @@ def download_files(
             try:
                 path = fetch(repo_id, name, staging, endpoint)
             except Exception as e:  # the hub client raises many unrelated types
-                raise DownloadError(_offline_message(repo_id, todo, target, e)) from e
+                raise DownloadError(_offline_message(repo_id, todo, target, e, endpoint)) from e
             check_file(path, remote.get(name))
         for name in todo:
             dest = target / name
@@ -185,10 +194,12 @@ def download_files(
     return target
 
 
-def _offline_message(repo_id: str, files: Sequence[str], target: Path, err: Exception) -> str:
+def _offline_message(
+    repo_id: str, files: Sequence[str], target: Path, err: Exception, endpoint: str | None
+) -> str:
     listing = "\n".join(f"  {name}" for name in files)
     return (
-        f"could not download from https://huggingface.co/{repo_id} ({type(err).__name__}: "
+        f"could not download from {repo_url(repo_id, endpoint)} ({type(err).__name__}: "
         f"{err}).\nIf this machine is offline, download these files of {repo_id} by hand:\n"
         f"{listing}\nand put them, keeping their subfolders, into {target}"
     )

@@ -18,7 +18,13 @@ import torch
 from oms_ext.loading import OMSModel, PromptEncoderLike, load_oms, read_header
 from oms_ext.text import ClipPromptEncoder, TextEncoderNotFound, load_clip_text_model, tokenize_fn
 from oms_ext.webui.cache import CacheKey, ModelCache
-from oms_ext.webui.download import DownloadError, download_files, missing_files, text_encoder_folder
+from oms_ext.webui.download import (
+    DownloadError,
+    download_files,
+    missing_files,
+    repo_url,
+    text_encoder_folder,
+)
 from oms_ext.webui.registry import KNOWN_BY_NAME, ResolvedModule, resolve_module
 
 DEVICES = ("auto", "cpu")
@@ -174,7 +180,7 @@ def _fetch_missing(
         raise DownloadError(
             f"OMS module {resolved.name} is incomplete or missing in {target} and downloading "
             f"is off (Settings > One More Step). Download {listing} from "
-            f"https://huggingface.co/{repo_id} into {target}, or allow downloads"
+            f"{repo_url(repo_id, request.endpoint)} into {target}, or allow downloads"
         )
     download(repo_id, files, target, endpoint=request.endpoint)
 
