@@ -198,6 +198,31 @@ def test_missing_module_with_downloads_off_names_the_files_to_fetch(tmp_path):
         provide_model(request, ModelCache())
 
 
+def test_a_failed_download_fails_at_once_for_a_while_then_is_retried(tmp_path, monkeypatch):
+    from oms_ext.webui import cache as cache_module
+
+    calls: list[str] = []
+
+    def offline(repo_id, files, target, *, endpoint=None):
+        calls.append(repo_id)
+        raise DownloadError(f"could not download {repo_id} (offline)")
+
+    clock = [1000.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: clock[0])
+    request = ModelRequest(
+        AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32, allow_download=True
+    )
+    cache = ModelCache()
+    for _ in range(2):
+        with pytest.raises(DownloadError, match="offline"):
+            provide_model(request, cache, download=offline)
+    assert len(calls) == 1
+    clock[0] += ModelCache.DOWNLOAD_RETRY_AFTER_S
+    with pytest.raises(DownloadError):
+        provide_model(request, cache, download=offline)
+    assert len(calls) == 2
+
+
 class _FakeModel:
     def __init__(self, name: str):
         self.name = name

@@ -8,7 +8,7 @@ allowed), and loads it through the model cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,7 @@ def provide_model(
     (missing files that cannot or may not be downloaded), TextEncoderNotFound, OMSLoadError.
     """
     resolved = resolve_module(request.choice, request.family, list(request.folders))
+    download = _remembering_failures(download, cache)
     if resolved.known is not None:
         _fetch_missing(
             resolved, request, download, resolved.known.repo_id, resolved.known.files, resolved.path
@@ -162,6 +163,25 @@ def provide_model(
         str(resolved.path), str(request.device), str(request.dtype).removeprefix("torch."), source
     )
     return cache.get(key, lambda: _load(resolved, request, download))
+
+
+def _remembering_failures(download: Callable[..., Path], cache: ModelCache) -> Callable[..., Path]:
+    """``download`` that, for a few minutes after it failed for a repo, fails again at once
+    with the same message: offline, the hub client's retries take about 20 s per attempt."""
+
+    def fetch(repo_id: str, files: Sequence[str], target: Path, *, endpoint: str | None = None):
+        source = repo_url(repo_id, endpoint)
+        recent = cache.recent_download_failure(source)
+        if recent is not None:
+            minutes = round(cache.DOWNLOAD_RETRY_AFTER_S / 60)
+            raise DownloadError(f"{recent}\n(not retried for {minutes} min after a failure)")
+        try:
+            return download(repo_id, files, target, endpoint=endpoint)
+        except DownloadError as e:
+            cache.note_download_failure(source, str(e))
+            raise
+
+    return fetch
 
 
 def _fetch_missing(
