@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from oms_ext.text import (
+    SD2_OMS_LAYERS,
     ClipPromptEncoder,
     PromptEncoder,
     TokenizeFn,
@@ -32,7 +33,6 @@ from oms_ext.text import (
 
 OPENCLIP_PREFIXES = ("cond_stage_model.model.", "model.", "")
 OPENCLIP_HEAD_WIDTH = 64
-SD2_OMS_LAYERS = 23
 _BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _BLOCK_PARTS = {
     "ln_1.weight": "layer_norm1.weight",

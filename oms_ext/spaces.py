@@ -38,7 +38,6 @@ ZERO_TERMINAL_SNR_ALPHA_BAR = 1e-6
 SUPPORTED_LATENT_CHANNELS = 4
 
 Space = Literal["sigma", "timestep"]
-PredictionType = Literal["eps", "v"]
 
 
 class UnsupportedModelError(ValueError):
@@ -121,9 +120,6 @@ class SamplerStart:
             :func:`nearest_timestep` for reporting).
         sgm_noise_multiplier: the WebUI option that scales the unit noise by
             ``sqrt(1 + sigma^2)`` instead of ``sigma`` (sigma space only).
-        prediction_type: the base model's parameterisation ("eps" or "v", e.g. SD2 768-v).
-            OMS's formula (Eq. 20) does not depend on it: the sampler, not the model output,
-            defines where sampling starts. Kept for the WebUI's reporting.
         noise_sigma: the sigma the WebUI multiplies the unit noise by, when it differs from
             ``sigma0``. The WebUIs scale the noise for "DPM fast" and "DPM adaptive" by the
             scheduler's first sigma, but those samplers integrate from the model's sigma_max
@@ -136,17 +132,12 @@ class SamplerStart:
     # Left out of ==: tensors have no single truth value; equal starts share their schedule.
     alphas_cumprod: torch.Tensor | None = field(default=None, compare=False)
     sgm_noise_multiplier: bool = False
-    prediction_type: PredictionType = "eps"
     noise_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if self.space not in ("sigma", "timestep"):
             raise ValueError(
                 f"SamplerStart.space must be 'sigma' or 'timestep', got {self.space!r}"
-            )
-        if self.prediction_type not in ("eps", "v"):
-            raise ValueError(
-                f"SamplerStart.prediction_type must be 'eps' or 'v', got {self.prediction_type!r}"
             )
         if self.alphas_cumprod is not None:
             _check_alphas_cumprod(self.alphas_cumprod)
@@ -192,7 +183,6 @@ class SamplerStart:
         sigmas: torch.Tensor | Sequence[float],
         *,
         sgm_noise_multiplier: bool = False,
-        prediction_type: PredictionType = "eps",
         alphas_cumprod: torch.Tensor | None = None,
         sampler_sigma0: float | None = None,
     ) -> SamplerStart:
@@ -213,25 +203,19 @@ class SamplerStart:
                 sigma0=first,
                 alphas_cumprod=alphas_cumprod,
                 sgm_noise_multiplier=sgm_noise_multiplier,
-                prediction_type=prediction_type,
             )
         return cls(
             space="sigma",
             sigma0=float(sampler_sigma0),
             alphas_cumprod=alphas_cumprod,
             sgm_noise_multiplier=sgm_noise_multiplier,
-            prediction_type=prediction_type,
             noise_sigma=first,
         )
 
     @classmethod
-    def from_timestep(
-        cls, t0: int, alphas_cumprod: torch.Tensor, *, prediction_type: PredictionType = "eps"
-    ) -> SamplerStart:
+    def from_timestep(cls, t0: int, alphas_cumprod: torch.Tensor) -> SamplerStart:
         """Start of a VP timestep sampler (DDIM, DDIM CFG++, PLMS, UniPC) at index ``t0``."""
-        return cls(
-            space="timestep", t0=t0, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type
-        )
+        return cls(space="timestep", t0=t0, alphas_cumprod=alphas_cumprod)
 
 
 def start_alpha_bar(start: SamplerStart) -> float:

@@ -42,6 +42,9 @@ from safetensors.torch import load_file
 
 CONTEXT_LENGTH = 77
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
+#: SD 2.1's text encoder is OpenCLIP ViT-H cut to 23 of its 24 blocks ("penultimate" layer);
+#: the base OMS modules read its last hidden state, so a borrowed 24-block tower runs 23.
+SD2_OMS_LAYERS = 23
 TEXT_ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 # Older transformers releases read the special tokens from here; newer ones no longer write it.

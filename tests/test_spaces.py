@@ -101,7 +101,6 @@ def test_from_sigmas_takes_the_sampler_start_when_it_ignores_the_schedule() -> N
         ({"space": "sigma", "sigma0": 0.0}, "sigma0 must be a finite sigma > 0"),
         ({"space": "sigma", "sigma0": float("inf")}, "sigma0"),
         ({"space": "sigma", "sigma0": 1.0, "t0": 3}, "t0 must be None"),
-        ({"space": "sigma", "sigma0": 1.0, "prediction_type": "x0"}, "prediction_type"),
         ({"space": "timestep", "t0": 951}, "alphas_cumprod is required"),
         ({"space": "timestep", "t0": 1000, "alphas_cumprod": AC}, r"\[0, 999\]"),
         ({"space": "timestep", "t0": 95.1, "alphas_cumprod": AC}, "int timestep"),

@@ -1,4 +1,4 @@
-"""Forge-family and A1111 adapter details: predictor reading, SD2 text-encoder reuse, Forge's
+"""Forge-family and A1111 adapter details: flow-model detection, SD2 text-encoder reuse, Forge's
 memory manager (stand-in of Forge f2.0.1 backend.memory_management / backend.patcher.base)."""
 
 from __future__ import annotations
@@ -18,24 +18,19 @@ from oms_ext.webui.glue import Host, OMSController
 from tests import webui_standins as wi
 
 
-def test_forge_v_prediction_and_flow_are_read_from_the_predictor():
-    assert forge.prediction_type(wi.Prediction("v_prediction")) == "v"
-    assert forge.prediction_type(wi.Prediction("epsilon")) == "eps"
-    assert forge.is_flow(wi.PredictionFlux()) and not forge.is_flow(wi.Prediction())
+def test_forge_flow_models_are_recognised_from_the_predictor():
+    assert forge.is_flow(wi.PredictionFlux())
+    assert not forge.is_flow(wi.Prediction("v_prediction")) and not forge.is_flow(None)
 
 
-def test_ldm_patched_model_sampling_classes_are_recognised():
-    v_pred = type("ModelSamplingDiscrete", (type("V_PREDICTION", (), {}),), {})()
+def test_ldm_patched_model_sampling_is_read_as_the_predictor():
+    const = type("ModelSamplingDiscreteFlow", (type("CONST", (), {}),), {})()
     sd_model = SimpleNamespace(
         forge_objects=SimpleNamespace(
-            unet=SimpleNamespace(model=SimpleNamespace(model_sampling=v_pred))
+            unet=SimpleNamespace(model=SimpleNamespace(model_sampling=const))
         )
     )
-    assert forge.prediction_type(forge.predictor(sd_model)) == "v"
-
-
-def test_a1111_v_prediction_checkpoint_is_reported_as_v():
-    assert a1111.prediction_type(wi.SDModel(is_sd1=False, is_sd2=True, parameterization="v")) == "v"
+    assert forge.predictor(sd_model) is const and forge.is_flow(const)
 
 
 def _forge_sd2(layers: int = 24):

@@ -154,19 +154,6 @@ def test_forge_hands_noise_over_through_modified_noise_and_leaves_x_alone(models
     assert p.modified_noise is None
 
 
-def test_img2img_is_left_alone_with_a_note(models_dir):
-    opts = SimpleNamespace(sgm_noise_multiplier=False)
-    p = wi.Img2Img(version="1.10", sampler_factory=lambda: wi.KDiffusionSampler(opts=opts))
-    _, log = make_run(models_dir, "1.10")
-    host = Host(
-        "a1111", opts, SimpleNamespace(), "cpu", models_dir, models_dir, True, log.append, CACHE
-    )
-    p.scripts = wi.ScriptRunner(OMSController(host), "1.10", [True, "", "", 2.0, "oms_tiny"])
-    wi.process_images(p)
-    assert "img2img" in p.infotexts[0][NOTE_KEY]
-    assert ALPHA_BAR_KEY not in p.infotexts[0]
-
-
 def test_flux_on_forge_is_skipped_with_the_reason_in_infotext(models_dir):
     sd_model = wi.forge_sd_model(wi.PredictionFlux(), is_sd1=False)
     p, log = make_run(models_dir, "forge", sd_model=sd_model)

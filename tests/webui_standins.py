@@ -124,14 +124,13 @@ class CompVisSampler:
 
 @dataclass
 class SDModel:
-    """A1111 1.10.1 ``sd_model`` flags (``is_sd1``, ``is_sd2``, ``is_sdxl``, ``is_sd3``,
-    ``parameterization``) plus, for Forge f2, ``forge_objects.unet.model.predictor``."""
+    """A1111 1.10.1 ``sd_model`` flags (``is_sd1``, ``is_sd2``, ``is_sdxl``, ``is_sd3``) plus,
+    for Forge f2, ``forge_objects.unet.model.predictor``."""
 
     is_sd1: bool = True
     is_sd2: bool = False
     is_sdxl: bool = False
     is_sd3: bool = False
-    parameterization: str = "eps"
     forge_objects: Any = None
 
 
@@ -257,13 +256,6 @@ def process_images(p: Txt2Img) -> None:
         samples = p.sample()
         p.scripts.postprocess_batch(p, samples)
         p.infotexts.append(dict(p.extra_generation_params))
-
-
-@dataclass
-class Img2Img(Txt2Img):
-    """A1111/Forge ``StableDiffusionProcessingImg2Img``: has ``init_images``."""
-
-    init_images: list = field(default_factory=list)
 
 
 def start_alpha_bar_of(sampler: Any, steps: int) -> float:

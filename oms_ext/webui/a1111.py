@@ -25,7 +25,6 @@ from oms_ext.webui.runner import BatchInputs
 from oms_ext.webui.samplers import sampler_start
 
 HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"
-IMG2IMG_NOTE = "img2img/inpaint left alone (OMS applies to txt2img starts from pure noise)"
 
 
 def model_family(sd_model: Any) -> str:
@@ -41,30 +40,20 @@ def model_family(sd_model: Any) -> str:
     return "unknown"
 
 
-def prediction_type(sd_model: Any) -> str:
-    """ "v" for v-prediction checkpoints (SD2.x 768-v), else "eps"."""
-    return "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
-
-
 def pass_note(p: Any) -> str | None:
-    """Why this processing pass is not OMS's (hires pass, img2img), or None."""
-    if getattr(p, "is_hr_pass", False):
-        return HIRES_NOTE
-    if hasattr(p, "init_images"):
-        return IMG2IMG_NOTE
-    return None
+    """Why this processing pass is not OMS's (the hires-fix pass), or None. img2img never
+    gets here: the script is shown in txt2img only."""
+    return HIRES_NOTE if getattr(p, "is_hr_pass", False) else None
 
 
 def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
     family = model_family(sd_model)
-    return collect_batch_inputs(
-        p, x, opts, family=family, is_flow=family == "sd3", prediction=prediction_type(sd_model)
-    )
+    return collect_batch_inputs(p, x, opts, family=family, is_flow=family == "sd3")
 
 
 def collect_batch_inputs(
-    p: Any, x: torch.Tensor, opts: Any, *, family: str, is_flow: bool, prediction: str
+    p: Any, x: torch.Tensor, opts: Any, *, family: str, is_flow: bool
 ) -> BatchInputs:
     """The host-independent part of both adapters: the pass note, the sampler's start (only
     for a first pass of a 4-channel, non-flow model) and one prompt and seed per image."""
@@ -75,7 +64,6 @@ def collect_batch_inputs(
             p,
             p.sampler,
             sgm_noise_multiplier=bool(getattr(opts, "sgm_noise_multiplier", False)),
-            prediction_type=prediction,
         )
     count = x.shape[0]
     return BatchInputs(

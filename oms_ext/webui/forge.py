@@ -19,12 +19,10 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
-from oms_ext.text import PromptEncoder, wrap_transformers_clip
+from oms_ext.text import SD2_OMS_LAYERS, PromptEncoder, wrap_transformers_clip
 from oms_ext.webui.a1111 import collect_batch_inputs
 from oms_ext.webui.a1111 import model_family as _flag_family
 from oms_ext.webui.runner import BatchInputs
-
-SD2_OMS_LAYERS = 23
 
 
 def predictor(sd_model: Any) -> Any | None:
@@ -49,16 +47,6 @@ def is_flow(pred: Any) -> bool:
     )
 
 
-def prediction_type(pred: Any) -> str:
-    """ "v" for v-prediction (f2 ``prediction_type == "v_prediction"``, ldm_patched
-    ``V_PREDICTION`` mixin), else "eps"."""
-    if pred is None:
-        return "eps"
-    if getattr(pred, "prediction_type", None) == "v_prediction":
-        return "v"
-    return "v" if "V_PREDICTION" in _class_names(pred) else "eps"
-
-
 def _text_encoder_names(sd_model: Any) -> set[str]:
     """Which of Forge's text encoder slots (clip_l, clip_g, clip_h, ...) the model fills."""
     clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
@@ -81,14 +69,8 @@ def model_family(sd_model: Any) -> str:
 
 def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
-    pred = predictor(sd_model)
     return collect_batch_inputs(
-        p,
-        x,
-        opts,
-        family=model_family(sd_model),
-        is_flow=is_flow(pred),
-        prediction=prediction_type(pred),
+        p, x, opts, family=model_family(sd_model), is_flow=is_flow(predictor(sd_model))
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from oms_ext.loading import OMSModel, PromptEncoderLike, load_oms, read_header
+from oms_ext.loading import DTYPES, OMSModel, PromptEncoderLike, load_oms, read_header
 from oms_ext.text import ClipPromptEncoder, TextEncoderNotFound, load_clip_text_model, tokenize_fn
 from oms_ext.webui.cache import CacheKey, ModelCache
 from oms_ext.webui.download import (
@@ -28,7 +28,7 @@ from oms_ext.webui.download import (
 from oms_ext.webui.registry import KNOWN_BY_NAME, ResolvedModule, resolve_module
 
 DEVICES = ("auto", "cpu")
-DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 OFFLOADS = ("auto", "always", "never")
 
 
@@ -47,7 +47,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("oms_models_dir", "", "OMS models folder (empty = <WebUI models>/oms)"),
     SettingSpec("oms_device", "auto", "Run OMS on (auto = the WebUI's device)", DEVICES),
     SettingSpec(
-        "oms_dtype", "auto", "OMS precision (auto = fp16 on GPU, fp32 on CPU)", tuple(DTYPES)
+        "oms_dtype", "auto", "OMS precision (auto = fp16 on GPU, fp32 on CPU)", DTYPE_CHOICES
     ),
     SettingSpec(
         "oms_offload",
@@ -109,9 +109,8 @@ def compute_device(settings: Settings, webui_device: torch.device | str) -> torc
 
 def compute_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     """The chosen precision; "auto" = fp16 on GPUs (CUDA, MPS, ...), fp32 on the CPU."""
-    chosen = DTYPES[settings.dtype]
-    if chosen is not None:
-        return chosen
+    if settings.dtype != "auto":
+        return DTYPES[settings.dtype]
     return torch.float32 if device.type == "cpu" else torch.float16
 
 

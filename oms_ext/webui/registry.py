@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oms_ext.spaces import UnsupportedModelError
+from oms_ext.text import SD21_REPO, TOKENIZER_FILES, TOKENIZER_OPTIONAL_FILES
 from oms_ext.webui.args import AUTO_MODULE
 
 Family = str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "unknown"
-SD2_REPO = "stabilityai/stable-diffusion-2-1"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 #: Files of a released module folder that loading needs (never the pickles, never the fp32
 #: copies): the index, the module config and fp16 weights, the two text-encoder pointers.
 MODULE_FILES = (
@@ -58,11 +57,11 @@ def _clip_files(subfolder: str, tokenizer: str) -> tuple[str, ...]:
     return (
         f"{subfolder}/config.json",
         f"{subfolder}/model.fp16.safetensors",
-        *(f"{tokenizer}/{name}" for name in TOKENIZER_FILES),
+        *(f"{tokenizer}/{name}" for name in (*TOKENIZER_FILES, *TOKENIZER_OPTIONAL_FILES)),
     )
 
 
-_SD21_TEXT = TextEncoderFiles(SD2_REPO, _clip_files("text_encoder", "tokenizer"))
+_SD21_TEXT = TextEncoderFiles(SD21_REPO, _clip_files("text_encoder", "tokenizer"))
 _SDXL_TEXT = TextEncoderFiles(
     SDXL_REPO,
     _clip_files("text_encoder", "tokenizer") + _clip_files("text_encoder_2", "tokenizer_2"),

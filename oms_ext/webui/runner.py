@@ -46,7 +46,7 @@ class BatchInputs:
     per image (the images' negative prompts are not used: OMS's unconditional text is the
     OMS negative prompt, "" by default as in the authors' code). ``family``: checkpoint
     family ("sd1", "sd2", "sdxl", ...). ``is_flow``: flow-matching model. ``pass_skip``:
-    why this pass is not OMS's to touch (hires pass, img2img), or None.
+    why this pass is not OMS's to touch (the hires-fix pass), or None.
     """
 
     noise: torch.Tensor

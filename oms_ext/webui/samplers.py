@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from oms_ext.spaces import PredictionType, SamplerStart, UnsupportedModelError
+from oms_ext.spaces import SamplerStart, UnsupportedModelError
 
 #: k-diffusion function parameters that mark samplers ignoring the schedule's first sigma.
 _OWN_RANGE_PARAMS = ("sigma_min", "sigma_max")
@@ -51,7 +51,6 @@ def sampler_start(
     sampler: Any,
     *,
     sgm_noise_multiplier: bool,
-    prediction_type: PredictionType = "eps",
 ) -> SamplerStart:
     """The :class:`SamplerStart` of the first pass of ``p`` with ``sampler`` (``p.sampler``).
 
@@ -67,7 +66,6 @@ def sampler_start(
         return SamplerStart.from_sigmas(
             sigmas,
             sgm_noise_multiplier=sgm_noise_multiplier,
-            prediction_type=prediction_type,
             sampler_sigma0=own_sigma0,
         )
     if hasattr(sampler, "get_timesteps"):
@@ -78,7 +76,7 @@ def sampler_start(
             t0 = alphas.shape[0] - 1
         else:
             t0 = int(torch.as_tensor(sampler.get_timesteps(p, steps))[-1])
-        return SamplerStart.from_timestep(t0, alphas, prediction_type=prediction_type)
+        return SamplerStart.from_timestep(t0, alphas)
     raise UnsupportedModelError(
         f"sampler {type(sampler).__name__} has neither get_sigmas nor get_timesteps; "
         "OMS cannot tell where it starts"
