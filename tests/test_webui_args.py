@@ -14,6 +14,7 @@ from oms_ext.webui.args import (
     args_from_infotext,
 )
 from oms_ext.webui.prompts import strip_webui_syntax
+from tests import webui_standins as wi
 
 
 def test_field_table_covers_every_args_attribute_once():
@@ -65,17 +66,21 @@ def test_disabled_args_write_no_infotext():
     assert OMSArgs(cfg=3.0).infotext() == {}
 
 
-def test_infotext_round_trips_through_paste():
+@pytest.mark.parametrize(
+    "prompt",
+    ["red car", 'a "quoted", (dark:1.2) room: at night', "line one\nline two", "x, y: z\\"],
+)
+def test_infotext_round_trips_through_the_webuis_quoting_and_parsing(prompt):
     args = OMSArgs(
         enabled=True,
-        prompt="red car",
-        negative_prompt="blue",
+        prompt=prompt,
+        negative_prompt="blue, bright",
         cfg=4.0,
         module="oms_b_openclip_xl",
         noise_mode=NOISE_FRESH,
     )
-    pasted = {k: str(v) for k, v in args.infotext().items()}  # parsed infotext is strings
-    assert args_from_infotext(pasted) == args
+    line = wi.infotext_line({"Steps": 20, **args.infotext(), "Seed": 1})
+    assert args_from_infotext(wi.parse_infotext_line(line)) == args
 
 
 def test_pasting_infotext_without_the_oms_key_turns_oms_off():

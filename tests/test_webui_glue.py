@@ -246,6 +246,20 @@ def test_xyz_override_on_p_replaces_the_ui_value(models_dir, tiny_model):
     )
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_xyz_cells_with_oms_off_carry_no_oms_keys_of_an_earlier_cell(models_dir, version):
+    p, _ = make_run(models_dir, version, batch_size=1)
+    cells = [
+        {"oms_enabled": "True", "oms_cfg": 3.0},
+        {"oms_enabled": "False", "oms_cfg": 3.0},
+        {"oms_enabled": "True", "oms_cfg": 2.0},  # the default: written nowhere
+    ]
+    on, off, on_again = wi.run_xyz_cells(p, cells)
+    assert on.infotexts[0][ENABLED_KEY] == "True" and on.infotexts[0]["OMS CFG"] == 3.0
+    assert not [k for k in off.infotexts[0] if k.startswith("OMS")]
+    assert on_again.infotexts[0][ENABLED_KEY] == "True" and "OMS CFG" not in on_again.infotexts[0]
+
+
 def test_api_dict_argument_is_accepted(models_dir, tiny_model):
     p, _ = make_run(models_dir, "1.10", args=[{"enabled": True, "cfg": 2.0, "module": "oms_tiny"}])
     wi.process_images(p)

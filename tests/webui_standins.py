@@ -8,7 +8,11 @@ noise draws an ancestral sampler makes from ``p.rng``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,3 +300,54 @@ def install_tiny_module(models_dir: Path, name: str = "oms_tiny") -> Path:
         else:
             shutil.copy2(src, target / part)
     return target
+
+
+# --- infotext, as the WebUIs write and read it ---------------------------------------------
+
+
+def quote(value: Any) -> Any:
+    """A1111 1.10.1 / Forge ``modules.infotext_utils.quote``: a value holding a comma, a colon
+    or a newline is written as a JSON string; anything else as it is."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def infotext_line(params: dict[str, Any]) -> str:
+    """The ``key: value`` line of ``modules.processing.create_infotext`` (None values left out,
+    a key equal to its value written alone)."""
+    return ", ".join(
+        k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None
+    )
+
+
+#: ``modules.infotext_utils.re_param_code``: a key, then a JSON string or text up to a comma.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext_line(line: str) -> dict[str, str]:
+    """``modules.infotext_utils.parse_generation_parameters`` on the parameter line: every value
+    comes back as a string, JSON strings are decoded (``unquote``)."""
+    out = {}
+    for key, value in _RE_PARAM.findall(line):
+        if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def run_xyz_cells(p: Txt2Img, cells: list[dict[str, Any]]) -> list[Txt2Img]:
+    """``scripts/xyz_grid.py`` (A1111 1.10.1, Forge): each cell runs ``process_images`` on a
+    SHALLOW ``copy(p)`` after its axes set their values (here ``p.oms_<field>``), so every
+    cell shares ``p.extra_generation_params`` with the others. Returns the cells' copies."""
+    done = []
+    for values in cells:
+        pc = copy.copy(p)
+        pc.infotexts = []
+        for name, value in values.items():
+            setattr(pc, name, value)
+        process_images(pc)
+        done.append(pc)
+    return done

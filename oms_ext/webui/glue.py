@@ -93,7 +93,12 @@ class OMSController:
     def process(self, p: Any, values: Sequence[Any]) -> OMSArgs:
         """Read the script args (positional UI order or one dict) plus XYZ overrides
         (``p.oms_<field>``) into ``p.oms_args``. Invalid args (an API call with cfg 99, say)
-        turn OMS off for this run and say why in the console and the infotext."""
+        turn OMS off for this run and say why in the console and the infotext.
+
+        OMS keys an earlier run left in ``p.extra_generation_params`` are dropped first: the
+        XYZ grid runs each cell on a shallow copy of one ``p``, so the cells share that dict,
+        and a cell with OMS off must not carry the keys of the cell before it."""
+        _record(p, {})
         try:
             args = OMSArgs.from_values(list(values))
             overrides = {
