@@ -15,6 +15,7 @@ from oms_ext.webui import glue
 from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
+from oms_ext.webui.runner import fresh_noise_seed
 from tests import webui_standins as wi
 
 VERSIONS = ("1.6", "1.10", "forge")
@@ -276,6 +277,32 @@ def test_fresh_noise_mode_is_reproducible_from_the_seed(models_dir):
         wi.process_images(p)
     torch.testing.assert_close(a.samplers[0].start_latent, b.samplers[0].start_latent)
     assert not torch.allclose(a.samplers[0].start_latent, keep.samplers[0].start_latent)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fresh_noise_batch_with_a_variation_strength_starts_each_image_from_its_own_z(
+    models_dir, tiny_model, version
+):
+    args = [True, "", "", 2.0, "oms_tiny", "Fresh noise"]
+    p, _ = make_run(models_dir, version, args=args, batch_size=4, subseed_strength=0.3)
+    wi.process_images(p)
+    assert len(set(p.all_seeds)) == 1  # the WebUI's rule: the variation lives in the subseeds
+    sampler, shape = p.samplers[0], (4, p.height // 8, p.width // 8)
+    x_S = wi.ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=0.3).first()
+    z = wi.ImageRNG(
+        shape,
+        [fresh_noise_seed(s) for s in p.seeds],
+        subseeds=[fresh_noise_seed(s) for s in p.subseeds],
+        subseed_strength=0.3,
+    ).first()
+    alpha_bar = wi.start_alpha_bar_of(sampler, p.steps)
+    x0 = tiny_model.predict_x0(x_S, p.prompts, 2.0)
+    expected = oms_start(x0, x_S, alpha_bar, s=(1 - alpha_bar) ** 0.5, noise=z)
+    got = wi.vp_start_of(sampler, p.steps)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.allclose(got[i], got[j], atol=0.05)
 
 
 def test_unfired_rng_hook_is_removed_after_the_batch(models_dir):

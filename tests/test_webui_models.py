@@ -24,7 +24,7 @@ from oms_ext.webui.registry import (
     resolve_module,
     scan_modules,
 )
-from oms_ext.webui.runner import BatchInputs, fresh_noise, fresh_noise_seed, run_oms
+from oms_ext.webui.runner import BatchInputs, ImageSeeds, fresh_noise, fresh_noise_seed, run_oms
 from tests import webui_standins as wi
 
 TINY = wi.TINY_MODULE
@@ -275,7 +275,7 @@ def _inputs(**kwargs) -> BatchInputs:
         noise=torch.randn(1, 4, 8, 8),
         start=SamplerStart.from_sigmas([14.6146, 0.0]),
         prompts=["a cat"],
-        seeds=[1],
+        seeds=ImageSeeds([1]),
         family="sd1",
     )
     values.update(kwargs)
@@ -322,8 +322,41 @@ def test_16_channel_latents_are_skipped_with_the_reason():
 
 
 def test_fresh_noise_is_seeded_from_the_image_seed_and_differs_from_the_seed_noise():
-    z = fresh_noise([5, 6], (4, 8, 8))
-    torch.testing.assert_close(z, fresh_noise([5, 6], (4, 8, 8)))
+    z = fresh_noise(ImageSeeds([5, 6]), (4, 8, 8))
+    torch.testing.assert_close(z, fresh_noise(ImageSeeds([5, 6]), (4, 8, 8)))
     x_S = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(z[0], x_S)
     assert fresh_noise_seed(5) != fresh_noise_seed(6)
+
+
+def _salted(values):
+    return [fresh_noise_seed(v) for v in values]
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
+def test_fresh_noise_mixes_variation_seeds_by_the_webuis_rule(strength):
+    seeds = ImageSeeds([9, 9, 9], subseeds=[40, 41, 42], subseed_strength=strength)
+    webui_rule = wi.ImageRNG(
+        (4, 8, 8), _salted(seeds.seeds), subseeds=_salted(seeds.subseeds), subseed_strength=strength
+    ).first()
+    torch.testing.assert_close(fresh_noise(seeds, (4, 8, 8)), webui_rule, atol=1e-6, rtol=1e-5)
+
+
+def test_fresh_noise_follows_resize_seed_from_like_the_webuis_noise():
+    seeds = ImageSeeds([3], subseeds=[4], subseed_strength=0.5, resize_from=(48, 80))
+    webui_rule = wi.ImageRNG(
+        (4, 8, 8), _salted([3]), subseeds=_salted([4]), subseed_strength=0.5,
+        seed_resize_from_h=48, seed_resize_from_w=80,
+    ).first()
+    torch.testing.assert_close(fresh_noise(seeds, (4, 8, 8)), webui_rule, atol=1e-6, rtol=1e-5)
+
+
+def test_fresh_noise_of_a_variation_batch_differs_per_image_and_per_variation_seed():
+    seeds = ImageSeeds([9, 9, 9, 9], subseeds=[40, 41, 42, 43], subseed_strength=0.3)
+    z = fresh_noise(seeds, (4, 8, 8))
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.allclose(z[i], z[j])
+    changed = ImageSeeds([9] * 4, subseeds=[50, 41, 42, 43], subseed_strength=0.3)
+    other = fresh_noise(changed, (4, 8, 8))
+    assert not torch.allclose(z[0], other[0]) and torch.equal(z[1:], other[1:])

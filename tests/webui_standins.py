@@ -30,21 +30,78 @@ def model_sigmas() -> torch.Tensor:
     return ((1 - ac) / ac).sqrt()
 
 
-class ImageRNG:
-    """A1111 1.6-1.10.1 / Forge ``modules.rng.ImageRNG``: one CPU generator per seed; the first
-    ``next()`` is the seeded batch noise (``first()``), later calls draw per-step noise from
-    the same generators. Variation seeds and seed resizing are left out (the glue never sees
-    them: it only receives the tensor)."""
+def webui_slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111 1.10.1 / Forge ``modules.rng.slerp`` as ``ImageRNG.first`` calls it on one image's
+    noise [C, H, W]: norms and dot products run over dim 1 (H), one angle per (channel,
+    column); nearly parallel inputs take the WebUI's linear branch ``low * val + high * (1 -
+    val)``."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (
+        torch.sin(val * omega) / so
+    ).unsqueeze(1) * high
 
-    def __init__(self, shape: tuple[int, ...], seeds: list[int], subseeds=None, **_: Any):
+
+class ImageRNG:
+    """A1111 1.6-1.10.1 / Forge ``modules.rng.ImageRNG`` with the CPU noise source: one
+    generator per seed; the first ``next()`` is the batch noise (``first()``), later calls draw
+    per-step noise from the same generators. ``first()`` follows the WebUI's rules: with a
+    variation strength each image's noise is ``slerp(strength, noise(seed), noise(subseed))``
+    (a missing subseed counts as 0), and "resize seed from" draws the seed's noise at the old
+    size and pastes it, centred, into the seed's noise at the new size."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        seeds: list[int],
+        subseeds: list[int] | None = None,
+        subseed_strength: float = 0.0,
+        seed_resize_from_h: int = 0,
+        seed_resize_from_w: int = 0,
+    ):
         self.shape = tuple(shape)
         self.seeds = seeds
+        self.subseeds = subseeds
+        self.subseed_strength = subseed_strength
+        self.resize_from = (int(seed_resize_from_h), int(seed_resize_from_w))
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         self.is_first = True
         self.draws = 0
 
+    @staticmethod
+    def _randn(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+
     def first(self) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        h, w = self.resize_from
+        resized = h > 0 and w > 0
+        noise_shape = (self.shape[0], h // 8, w // 8) if resized else self.shape
+        out = []
+        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators, strict=True)):
+            if resized:
+                noise = self._randn(seed, noise_shape)
+            else:
+                noise = torch.randn(self.shape, generator=generator)
+            if self.subseeds is not None and self.subseed_strength != 0:
+                subseed = self.subseeds[i] if i < len(self.subseeds) else 0
+                noise = webui_slerp(self.subseed_strength, noise, self._randn(subseed, noise_shape))
+            if resized:
+                x = torch.randn(self.shape, generator=generator)
+                dx = (self.shape[2] - noise_shape[2]) // 2
+                dy = (self.shape[1] - noise_shape[1]) // 2
+                cw = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+                ch = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+                tx, ty = max(dx, 0), max(dy, 0)
+                sx, sy = max(-dx, 0), max(-dy, 0)
+                x[:, ty : ty + ch, tx : tx + cw] = noise[:, sy : sy + ch, sx : sx + cw]
+                noise = x
+            out.append(noise)
+        return torch.stack(out)
 
     def next(self) -> torch.Tensor:
         self.draws += 1
@@ -196,6 +253,10 @@ class Txt2Img:
     prompt: str = "a photo of a cat"
     negative_prompt: str = ""
     seed: int = 1000
+    subseed: int = 7000
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     steps: int = 4
     batch_size: int = 2
     n_iter: int = 1
@@ -225,7 +286,14 @@ class Txt2Img:
         samples = self.sampler.sample(self, x)
         if self.enable_hr:
             self.is_hr_pass = True
-            self.rng = ImageRNG(samples.shape[1:], self.seeds)
+            self.rng = ImageRNG(
+                samples.shape[1:],
+                self.seeds,
+                subseeds=self.subseeds,
+                subseed_strength=self.subseed_strength,
+                seed_resize_from_h=self.seed_resize_from_h,
+                seed_resize_from_w=self.seed_resize_from_w,
+            )
             self.rngs.append(self.rng)
             noise = self.rng.next()
             calls = 2 if self.version == "forge" else (1 if self.version == "1.10" else 0)
@@ -239,21 +307,32 @@ class Txt2Img:
 
 
 def process_images(p: Txt2Img) -> None:
-    """``modules.processing.process_images_inner`` (A1111 1.6-1.10.1, Forge): per batch the
+    """``modules.processing.process_images_inner`` (A1111 1.6-1.10.1, Forge): seeds as the WebUI
+    assigns them (``all_seeds[i] = seed + i`` unless a variation strength is set, then every
+    image shares the seed and ``all_subseeds[i] = subseed + i`` varies), then per batch the
     prompt/seed slices, a new ``p.rng``, before_process_batch, process_batch, sample,
-    postprocess_batch, then the batch's infotext from ``extra_generation_params``."""
+    postprocess_batch, and the batch's infotext from ``extra_generation_params``."""
     p.all_prompts = (
         [p.prompt] * (p.batch_size * p.n_iter) if isinstance(p.prompt, str) else p.prompt
     )
     p.all_negative_prompts = [p.negative_prompt] * len(p.all_prompts)
-    p.all_seeds = [p.seed + i for i in range(len(p.all_prompts))]
+    count = len(p.all_prompts)
+    p.all_seeds = [p.seed + (i if p.subseed_strength == 0 else 0) for i in range(count)]
+    p.all_subseeds = [p.subseed + i for i in range(count)]
     p.scripts.process(p)
     for n in range(p.n_iter):
         p.iteration = n
         sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
         p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]
-        p.seeds = p.all_seeds[sl]
-        p.rng = ImageRNG((4, p.height // 8, p.width // 8), p.seeds)
+        p.seeds, p.subseeds = p.all_seeds[sl], p.all_subseeds[sl]
+        p.rng = ImageRNG(
+            (4, p.height // 8, p.width // 8),
+            p.seeds,
+            subseeds=p.subseeds,
+            subseed_strength=p.subseed_strength,
+            seed_resize_from_h=p.seed_resize_from_h,
+            seed_resize_from_w=p.seed_resize_from_w,
+        )
         p.rngs.append(p.rng)
         p.scripts.before_process_batch(p)
         p.scripts.process_batch(p)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from oms_ext.webui.runner import BatchInputs
+from oms_ext.webui.runner import BatchInputs, ImageSeeds
 from oms_ext.webui.samplers import sampler_start
 
 HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"
@@ -70,10 +70,26 @@ def collect_batch_inputs(
         noise=x,
         start=start,
         prompts=list(p.prompts)[:count],
-        seeds=list(p.seeds)[:count],
+        seeds=image_seeds(p, count),
         family=family,
         is_flow=is_flow,
         pass_skip=note,
+    )
+
+
+def image_seeds(p: Any, count: int) -> ImageSeeds:
+    """The batch's seeds as ``modules.processing`` hands them to its ``ImageRNG`` (A1111 1.6+,
+    Forge): ``p.seeds``, ``p.subseeds``, ``p.subseed_strength`` and "resize seed from"
+    (``p.seed_resize_from_h``/``_w``, <= 0 when off)."""
+    resize = (
+        int(getattr(p, "seed_resize_from_h", 0) or 0),
+        int(getattr(p, "seed_resize_from_w", 0) or 0),
+    )
+    return ImageSeeds(
+        seeds=list(p.seeds)[:count],
+        subseeds=list(getattr(p, "subseeds", None) or [])[:count],
+        subseed_strength=float(getattr(p, "subseed_strength", 0.0) or 0.0),
+        resize_from=resize if min(resize) > 0 else (0, 0),
     )
 
 

@@ -38,21 +38,37 @@ _MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
+class ImageSeeds:
+    """The WebUI's seeds for one batch, as it feeds them to its noise generator.
+
+    ``seeds``/``subseeds``: one per image (the WebUI's ``p.seeds``/``p.subseeds``; with a
+    variation strength all images share the seed and the subseeds differ).
+    ``subseed_strength``: "Variation strength" in [0, 1]. ``resize_from``: "Resize seed from"
+    (height, width) in pixels, (0, 0) when off.
+    """
+
+    seeds: Sequence[int]
+    subseeds: Sequence[int] = ()
+    subseed_strength: float = 0.0
+    resize_from: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
 class BatchInputs:
     """Plain values describing one WebUI batch at the start of sampling.
 
     ``noise``: the WebUI's unit Gaussian noise x_S [B, C, H, W] (seeded, variation seeds
-    already mixed in). ``start``: where the sampler starts. ``prompts``/``seeds``: one
-    per image (the images' negative prompts are not used: OMS's unconditional text is the
-    OMS negative prompt, "" by default as in the authors' code). ``family``: checkpoint
-    family ("sd1", "sd2", "sdxl", ...). ``is_flow``: flow-matching model. ``pass_skip``:
-    why this pass is not OMS's to touch (the hires-fix pass), or None.
+    already mixed in). ``start``: where the sampler starts. ``prompts``: one per image (the
+    images' negative prompts are not used: OMS's unconditional text is the OMS negative
+    prompt, "" by default as in the authors' code). ``seeds``: the batch's seeds (for the fresh
+    noise z). ``family``: checkpoint family ("sd1", "sd2", "sdxl", ...). ``is_flow``:
+    flow-matching model. ``pass_skip``: why this pass is not OMS's to touch, or None.
     """
 
     noise: torch.Tensor
     start: SamplerStart | None
     prompts: Sequence[str]
-    seeds: Sequence[int]
+    seeds: ImageSeeds
     family: str
     is_flow: bool = False
     pass_skip: str | None = None
@@ -94,13 +110,61 @@ def fresh_noise_seed(seed: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def fresh_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """Unit Gaussian z [B, *shape], row i drawn on the CPU from :func:`fresh_noise_seed`
-    of ``seeds[i]``: reproducible from the image seed on any device."""
+def _randn(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(fresh_noise_seed(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def variation_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mix one image's noise ``a`` [C, H, W] with its variation noise ``b`` the way the WebUIs
+    mix seed and variation seed (A1111 1.10.1 / Forge ``modules.rng.slerp``): spherical
+    interpolation by ``t`` ("Variation strength") of each (channel, column) vector along H;
+    nearly parallel inputs (mean cosine > 0.9995) take the WebUI's linear branch, which weights
+    ``a`` by ``t``."""
+    a_unit = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    b_unit = b / torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    cos = (a_unit * b_unit).sum(1)
+    if cos.mean() > 0.9995:
+        return a * t + b * (1 - t)
+    angle = torch.acos(cos)
+    weight_a = (torch.sin((1.0 - t) * angle) / torch.sin(angle)).unsqueeze(1)
+    weight_b = (torch.sin(t * angle) / torch.sin(angle)).unsqueeze(1)
+    return weight_a * a + weight_b * b
+
+
+def _paste_centred(noise: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """``noise`` [C, h, w] centred on ``canvas`` [C, H, W] (cropped where larger), as the
+    WebUIs place the noise of "Resize seed from" in the new size."""
+    dy, dx = (canvas.shape[1] - noise.shape[1]) // 2, (canvas.shape[2] - noise.shape[2]) // 2
+    h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+    w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+    out = canvas.clone()
+    out[:, max(dy, 0) : max(dy, 0) + h, max(dx, 0) : max(dx, 0) + w] = noise[
+        :, max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w
+    ]
+    return out
+
+
+def fresh_noise(seeds: ImageSeeds, shape: Sequence[int]) -> torch.Tensor:
+    """The fresh noise z [B, *shape] of the "Fresh noise" mode (s > 0 in Eq. 20).
+
+    Drawn exactly as the WebUI draws its own noise from ``seeds`` (same variation-seed mixing,
+    same "resize seed from" placement, same position in the batch), but every seed passes
+    through :func:`fresh_noise_seed` first, so z is never the seed's own noise x_S. Drawn on
+    the CPU in float32: reproducible from the infotext's seeds on any device.
+    """
+    shape = tuple(shape)
+    h, w = seeds.resize_from
+    seed_shape = (shape[0], h // 8, w // 8) if h > 0 and w > 0 else shape
     rows = []
-    for seed in seeds:
-        generator = torch.Generator("cpu").manual_seed(fresh_noise_seed(seed))
-        rows.append(torch.randn(tuple(shape), generator=generator, dtype=torch.float32))
+    for i, seed in enumerate(seeds.seeds):
+        noise = _randn(seed, seed_shape)
+        if seeds.subseed_strength != 0:
+            subseed = seeds.subseeds[i] if i < len(seeds.subseeds) else 0
+            noise = variation_slerp(seeds.subseed_strength, noise, _randn(subseed, seed_shape))
+        if seed_shape != shape:
+            noise = _paste_centred(noise, _randn(seed, shape))
+        rows.append(noise)
     return torch.stack(rows)
 
 
@@ -113,10 +177,9 @@ def oms_prompts(args: OMSArgs, image_prompts: Sequence[str]) -> list[str]:
 
 def _check_batch(inputs: BatchInputs) -> None:
     batch = inputs.noise.shape[0]
-    for name in ("prompts", "seeds"):
-        count = len(getattr(inputs, name))
-        if count != batch:
-            raise ValueError(f"BatchInputs.{name}: {count} entries for a batch of {batch}")
+    for name, values in (("prompts", inputs.prompts), ("seeds", inputs.seeds.seeds)):
+        if len(values) != batch:
+            raise ValueError(f"BatchInputs.{name}: {len(values)} entries for a batch of {batch}")
 
 
 @torch.no_grad()
