@@ -172,8 +172,12 @@ class PreviewSummary:
     colour: str
 
     def text(self) -> str:
-        """One line for people, e.g. ``mean brightness 41/255, dominant colour dark blue``."""
-        return f"mean brightness {self.brightness:.0f}/255, dominant colour {self.colour}"
+        """One line for people, e.g. ``mean brightness 41/255 (Rec. 601 luma), dominant colour
+        dark blue``."""
+        return (
+            f"mean brightness {self.brightness:.0f}/255 (Rec. 601 luma), "
+            f"dominant colour {self.colour}"
+        )
 
 
 def summarize_preview(image: torch.Tensor) -> PreviewSummary:

@@ -209,7 +209,7 @@ def test_summary_brightness_orders_dark_mid_and_bright_predictions() -> None:
     )
     assert dark.brightness < 40 and bright.brightness > 215
     assert abs(mid.brightness - 127.5) < 1
-    assert dark.text().startswith(f"mean brightness {dark.brightness:.0f}/255, ")
+    assert dark.text().startswith(f"mean brightness {dark.brightness:.0f}/255 (Rec. 601 luma), ")
 
 
 def test_summarize_latent_gives_one_summary_per_batch_row() -> None:
