@@ -2,19 +2,20 @@
 
 OMS predicts a clean latent ``x0_hat = -psi_cfg(x_S, C)`` from the seed's noise (paper Eq. 21).
 Its low frequencies are the light and colour layout of the image the base model will draw.
-Decoding it with the VAE would need the checkpoint; the WebUIs' live previews instead use a
-linear map of the 4 latent channels to RGB, and so does this module:
+Decoding it with the VAE would need the checkpoint; the WebUIs' cheapest live preview
+(AUTOMATIC1111's "Approx cheap") instead uses a linear map of the 4 latent channels to RGB, and
+so does this module:
 
     rgb = latent_channels @ factors + bias        (per latent pixel; rgb in image units)
 
 ``factors`` is 4 x 3 (row = latent channel, column = R, G, B) and ``rgb`` is in the decoder's
 image units, -1 = black and +1 = white; it is clamped and mapped to 0..255 as
-``(rgb + 1) * 127.5``, as both WebUIs below do for their previews.
+``(rgb + 1) * 127.5``, as AUTOMATIC1111 and ComfyUI do for their previews.
 
 Coefficients (numbers only, with their sources):
 
-* SD1.x and SD2.x (one VAE, one latent space): the factors keturn fitted to Stable Diffusion
-  v1.4 outputs and posted at
+* SD1.x and SD2.x (one VAE, one latent space): the factors keturn derived empirically from
+  Stable Diffusion v1.4 outputs and posted at
   https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2
   ("Decoding latents to RGB without upscaling", Hugging Face forum). AUTOMATIC1111's
   "Approx cheap" live preview uses the same numbers, no bias
@@ -23,19 +24,20 @@ Coefficients (numbers only, with their sources):
 * SDXL: ComfyUI's ``latent_rgb_factors`` and ``latent_rgb_factors_bias`` of its ``SDXL``
   latent format (comfy/latent_formats.py,
   https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/latent_formats.py), a fit with
-  a bias term. AUTOMATIC1111 1.6+ ships a similar SDXL matrix without bias.
+  a bias term. AUTOMATIC1111's file above holds a similar SDXL matrix without bias.
 
-Latent scaling: both WebUIs apply these maps to the latent the sampler works on, i.e. the VAE
-latent already multiplied by the VAE scale factor (0.18215 for SD1.x/SD2.x, 0.13025 for SDXL):
+Latent scaling: AUTOMATIC1111 and ComfyUI apply these maps to the latent the sampler works on,
+i.e. the VAE latent already multiplied by the VAE scale factor (0.18215 for SD1.x/SD2.x,
+0.13025 for SDXL):
 AUTOMATIC1111 hands the same tensor to ``cheap_approximation`` and to ``decode_first_stage``
 (which divides by the scale factor), ComfyUI applies them to the sampler's denoised estimate in
 model space (after ``process_in`` multiplied by the scale factor). OMS's x0_hat lives in that
 same scaled UNet space, so it goes in as it is; a raw VAE encoder output would first have to be
 multiplied by the scale factor.
 
-The maps are rough (keturn calls the SD1 one "a little undersaturated"), and the preview has
-the latent's resolution (1/8 of the image), upscaled smoothly: it shows brightness and colour
-layout, not detail. Plain torch; no WebUI import, no PIL.
+The maps are rough (by keturn's own account the SD1 one comes out somewhat undersaturated),
+and the preview has the latent's resolution (1/8 of the image), upscaled smoothly: it shows
+brightness and colour layout, not detail. Plain torch; no WebUI import, no PIL.
 """
 
 from __future__ import annotations
