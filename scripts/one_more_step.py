@@ -58,6 +58,9 @@ def _make_host() -> Host:
         extension_dir=EXTENSION_DIR,
         before_every_sampling=IS_FORGE or a1111.has_before_every_sampling(scripts.ScriptRunner),
         forge_memory=forge.ForgeMemory() if IS_FORGE else None,
+        webui_dtype=forge.model_dtype
+        if IS_FORGE
+        else (lambda _device: a1111.model_dtype(devices, shared.cmd_opts)),
     )
 
 

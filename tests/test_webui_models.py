@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from oms_ext.spaces import SamplerStart, UnsupportedModelError
+from oms_ext.webui import a1111
 from oms_ext.webui.args import SKIPPED_KEY, OMSArgs
-from oms_ext.webui.cache import CacheKey, ModelCache
+from oms_ext.webui.cache import CacheKey, ModelCache, canonical_device, same_device
 from oms_ext.webui.download import DownloadError, RemoteFile, download_files, missing_files
-from oms_ext.webui.provider import ModelRequest, Settings, provide_model
+from oms_ext.webui.provider import ModelRequest, Settings, compute_dtype, provide_model
 from oms_ext.webui.registry import (
     AUTO_MODULE,
     MODULE_FILES,
@@ -263,6 +265,70 @@ def test_offloaded_model_returns_to_its_device_on_next_use():
     assert model.device.type == "meta"
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("cuda", "cuda:0", True),
+        ("cuda:1", "cuda", False),
+        ("mps", "mps:0", True),
+        ("cpu", "cpu", True),
+    ],
+)
+def test_a_device_name_without_index_is_the_current_device(a, b, same):
+    assert same_device(a, b) is same
+
+
+class _CudaModel(_FakeModel):
+    """Reports ``cuda:0``, as a model moved to A1111's ``devices.device`` ("cuda") does."""
+
+    def __init__(self):
+        super().__init__("gpu")
+        self._device = torch.device("cuda", 0)
+
+
+def test_a_model_on_cuda_0_is_not_moved_for_a_key_naming_cuda():
+    cache, loads = ModelCache(), []
+    key = CacheKey("m", str(canonical_device("cuda")), "float16", "module")
+    for _ in range(3):
+        model = cache.get(key, lambda: loads.append(1) or _CudaModel())
+    assert loads == [1] and model.moves == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "webui", "half_works", "expected"),
+    [
+        ("auto", "cuda", torch.float16, True, torch.float16),
+        ("auto", "cuda", torch.float32, True, torch.float32),  # --no-half / --precision full
+        ("auto", "cuda", None, True, torch.float16),
+        ("auto", "cuda", torch.float16, False, torch.float32),  # fp16 gave NaN here before
+        ("auto", "cpu", torch.float16, True, torch.float32),
+        ("fp16", "cpu", None, True, torch.float32),  # fp16 is never used on the CPU
+        ("fp16", "cuda", torch.float32, True, torch.float16),
+        ("bf16", "cpu", None, True, torch.bfloat16),
+    ],
+)
+def test_precision_follows_the_setting_the_webui_and_the_device(
+    setting, device, webui, half_works, expected
+):
+    got = compute_dtype(Settings(dtype=setting), torch.device(device), webui, half_works=half_works)
+    assert got == expected
+
+
+def test_a1111_precision_honours_no_half_and_precision_full():
+    devices = SimpleNamespace(dtype=torch.float16)
+    assert a1111.model_dtype(devices, SimpleNamespace()) == torch.float16
+    assert a1111.model_dtype(devices, SimpleNamespace(no_half=True)) == torch.float32
+    assert a1111.model_dtype(devices, SimpleNamespace(precision="full")) == torch.float32
+    full = SimpleNamespace(dtype=torch.float32)  # devices.dtype after --no-half
+    assert a1111.model_dtype(full, SimpleNamespace()) == torch.float32
+
+
+def test_half_precision_nan_is_remembered_per_device():
+    cache = ModelCache()
+    cache.note_half_precision_nan("cuda")
+    assert not cache.half_precision_works("cuda:0") and cache.half_precision_works("cuda:1")
+
+
 def test_settings_fall_back_to_defaults_when_absent_or_invalid():
     assert Settings.from_opts(SimpleNamespace()) == Settings()
     assert Settings.from_opts(SimpleNamespace(oms_dtype="fp8", oms_offload="always")) == Settings(
@@ -282,16 +348,33 @@ def _inputs(**kwargs) -> BatchInputs:
     return BatchInputs(**values)
 
 
-class _NaNModel:
+class _ConstModel:
+    """A stand-in OMS model predicting a constant x0 (NaN for a broken half precision)."""
+
     device = torch.device("cpu")
 
+    def __init__(self, dtype=torch.float32, value=0.5):
+        self.dtype, self.value = dtype, value
+
     def predict_x0(self, x_S, prompts, cfg, negatives):
-        return torch.full_like(x_S, float("nan"))
+        return torch.full_like(x_S, self.value)
 
 
-def test_nan_output_skips_oms_for_the_batch():
-    outcome = run_oms(_inputs(), OMSArgs(enabled=True), _NaNModel)
+def test_nan_output_in_float32_skips_oms_for_the_batch():
+    outcome = run_oms(_inputs(), OMSArgs(enabled=True), lambda fp32: _ConstModel(value=math.nan))
     assert outcome.noise is None and "NaN" in outcome.infotext[SKIPPED_KEY]
+
+
+def test_nan_in_half_precision_is_retried_once_in_float32():
+    asked = []
+
+    def load(fp32):
+        asked.append(fp32)
+        return _ConstModel() if fp32 else _ConstModel(torch.float16, math.nan)
+
+    outcome = run_oms(_inputs(), OMSArgs(enabled=True), load)
+    assert outcome.applied and asked == [False, True]
+    assert "float16 gave NaN/inf" in outcome.message
 
 
 @pytest.mark.parametrize(
@@ -299,7 +382,7 @@ def test_nan_output_skips_oms_for_the_batch():
     [torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("MPS backend out of memory")],
 )
 def test_out_of_memory_skips_oms_for_the_batch(error):
-    def load():
+    def load(fp32):
         raise error
 
     outcome = run_oms(_inputs(), OMSArgs(enabled=True), load)
@@ -307,7 +390,7 @@ def test_out_of_memory_skips_oms_for_the_batch(error):
 
 
 def test_other_runtime_errors_are_not_swallowed():
-    def load():
+    def load(fp32):
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
@@ -316,7 +399,7 @@ def test_other_runtime_errors_are_not_swallowed():
 
 def test_16_channel_latents_are_skipped_with_the_reason():
     outcome = run_oms(
-        _inputs(noise=torch.randn(1, 16, 8, 8), family="sd3"), OMSArgs(enabled=True), _NaNModel
+        _inputs(noise=torch.randn(1, 16, 8, 8), family="sd3"), OMSArgs(enabled=True), _ConstModel
     )
     assert "16 channels" in outcome.infotext[SKIPPED_KEY]
 

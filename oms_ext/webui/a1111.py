@@ -123,6 +123,14 @@ def unhook_first_noise(rng: Any) -> None:
         del rng.next
 
 
+def model_dtype(devices: Any, cmd_opts: Any) -> torch.dtype:
+    """The precision A1111 runs its models in: ``devices.dtype`` (float16 unless ``--no-half``),
+    and float32 with ``--precision full`` too (``modules/devices.py``, ``shared_init.py``)."""
+    if getattr(cmd_opts, "no_half", False) or getattr(cmd_opts, "precision", "") == "full":
+        return torch.float32
+    return getattr(devices, "dtype", None) or torch.float16
+
+
 def low_vram(cmd_opts: Any, family: str) -> bool:
     """--lowvram, --medvram, or --medvram-sdxl with an SDXL checkpoint."""
     return bool(

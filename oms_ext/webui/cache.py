@@ -5,7 +5,7 @@ request with a different key (module path, device, dtype, text-encoder source) r
 :meth:`ModelCache.offload` moves it to the CPU after the OMS step (low/medium VRAM or when the
 setting asks); :meth:`ModelCache.get` moves it back to its device on the next use.
 It also remembers recent failed downloads, so an offline WebUI does not wait for the hub
-client's retries on every generation.
+client's retries on every generation, and the devices whose half precision gave NaN.
 """
 
 from __future__ import annotations
@@ -21,13 +21,30 @@ import torch
 from oms_ext.loading import OMSModel
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in, so that names of one device compare equal:
+    ``"cuda"`` (A1111's ``devices.device``) is the current CUDA device (``cuda:0`` when none is
+    visible), ``"mps"`` is ``mps:0``; devices without an index (cpu, meta) stay as they are."""
+    dev = torch.device(device)
+    if dev.index is not None or dev.type in ("cpu", "meta"):
+        return dev
+    index = torch.cuda.current_device() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    return torch.device(dev.type, index)
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether ``a`` and ``b`` name the same device (``"cuda"`` and ``"cuda:0"`` do)."""
+    return canonical_device(a) == canonical_device(b)
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What makes two loaded modules interchangeable.
 
     ``path``: module folder or file; ``device``/``dtype``: where it runs (strings, e.g.
-    "cuda:0", "float16"); ``text_encoder``: where the text encoder comes from ("module" for
-    the files the module names, or an id of a borrowed checkpoint encoder).
+    "cuda:0", "float16"; the device as :func:`canonical_device` names it); ``text_encoder``:
+    where the text encoder comes from ("module" for the files the module names, or an id of a
+    borrowed checkpoint encoder).
     """
 
     path: str
@@ -49,6 +66,15 @@ class ModelCache:
         # A lock of their own: downloads also happen inside get()'s load(), under _lock.
         self._failures_lock = threading.Lock()
         self._failed_downloads: dict[str, tuple[float, str]] = {}
+        self._half_precision_nan: set[torch.device] = set()
+
+    def half_precision_works(self, device: torch.device | str) -> bool:
+        """False once fp16/bf16 gave NaN on ``device`` this session (GTX 16xx cards do in
+        fp16); "auto" precision then stays fp32 there."""
+        return canonical_device(device) not in self._half_precision_nan
+
+    def note_half_precision_nan(self, device: torch.device | str) -> None:
+        self._half_precision_nan.add(canonical_device(device))
 
     def recent_download_failure(self, source: str) -> str | None:
         """The error of a download of ``source`` (repo address) that failed less than
@@ -76,7 +102,7 @@ class ModelCache:
                 model = load()
                 self._key, self._model = key, model
             model = self._model
-            if model.device != torch.device(key.device):
+            if not same_device(model.device, key.device):
                 model.to(device=key.device)
             return model
 

@@ -79,6 +79,19 @@ def apply_noise(p: Any, noise: torch.Tensor, like: torch.Tensor) -> None:
     p.modified_noise = noise.to(device=like.device, dtype=like.dtype)
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """The precision Forge picks for a model on ``device`` (``backend.memory_management``
+    ``should_use_fp16`` / ``should_use_bf16``: they know the GPUs whose fp16 is broken, e.g.
+    GTX 16xx, and Forge's ``--all-in-fp32``-style flags)."""
+    mm = _memory_module()
+    if mm.should_use_fp16(device=device):
+        return torch.float16
+    should_use_bf16 = getattr(mm, "should_use_bf16", None)
+    if should_use_bf16 is not None and should_use_bf16(device=device):
+        return torch.bfloat16
+    return torch.float32
+
+
 class _ManagedEncoder(PromptEncoder):
     """A borrowed encoder whose weights Forge's memory manager must load before use."""
 

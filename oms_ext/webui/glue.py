@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class Host:
     ``device``: the WebUI's compute device. ``models_dir``: the WebUI's models folder;
     ``extension_dir``: this extension's folder. ``before_every_sampling``: whether the WebUI
     calls ``process_before_every_sampling`` (A1111 >= 1.10, Forge). ``log``: console output.
+    ``webui_dtype``: the precision the WebUI runs its own models in on a device (None: fp16
+    on GPUs).
     """
 
     kind: str
@@ -77,6 +79,7 @@ class Host:
     log: Callable[[str], None] = print
     cache: ModelCache = MODEL_CACHE
     forge_memory: forge.ForgeMemory | None = field(default=None)
+    webui_dtype: Callable[[torch.device], torch.dtype] | None = None
 
 
 class OMSController:
@@ -188,10 +191,12 @@ class OMSController:
         settings = Settings.from_opts(self.host.opts)
         loaded: list[OMSModel] = []
 
-        def load() -> OMSModel:
-            model = provide_model(
-                self._request(p.oms_args, inputs.family, settings, sd_model), self.host.cache
-            )
+        def load(fp32: bool) -> OMSModel:
+            request = self._request(p.oms_args, inputs.family, settings, sd_model)
+            if fp32:
+                self.host.cache.note_half_precision_nan(request.device)
+                request = replace(request, dtype=torch.float32)
+            model = provide_model(request, self.host.cache)
             if self.host.forge_memory is not None:
                 self.host.forge_memory.load(model)
             loaded.append(model)
@@ -220,7 +225,9 @@ class OMSController:
         self, args: OMSArgs, family: str, settings: Settings, sd_model: Any
     ) -> ModelRequest:
         device = compute_device(settings, self.host.device)
-        dtype = compute_dtype(settings, device)
+        webui_dtype = self.host.webui_dtype(device) if self.host.webui_dtype else None
+        half_works = self.host.cache.half_precision_works(device)
+        dtype = compute_dtype(settings, device, webui_dtype, half_works=half_works)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
         factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
         return ModelRequest(

@@ -17,7 +17,7 @@ import torch
 
 from oms_ext.loading import DTYPES, OMSModel, PromptEncoderLike, load_oms, read_header
 from oms_ext.text import ClipPromptEncoder, TextEncoderNotFound, load_clip_text_model, tokenize_fn
-from oms_ext.webui.cache import CacheKey, ModelCache
+from oms_ext.webui.cache import CacheKey, ModelCache, canonical_device
 from oms_ext.webui.download import (
     DownloadError,
     download_files,
@@ -47,7 +47,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("oms_models_dir", "", "OMS models folder (empty = <WebUI models>/oms)"),
     SettingSpec("oms_device", "auto", "Run OMS on (auto = the WebUI's device)", DEVICES),
     SettingSpec(
-        "oms_dtype", "auto", "OMS precision (auto = fp16 on GPU, fp32 on CPU)", DTYPE_CHOICES
+        "oms_dtype",
+        "auto",
+        "OMS precision (auto = the WebUI's precision on GPU, fp32 on CPU)",
+        DTYPE_CHOICES,
     ),
     SettingSpec(
         "oms_offload",
@@ -107,11 +110,27 @@ def compute_device(settings: Settings, webui_device: torch.device | str) -> torc
     return torch.device("cpu") if settings.device == "cpu" else torch.device(webui_device)
 
 
-def compute_dtype(settings: Settings, device: torch.device) -> torch.dtype:
-    """The chosen precision; "auto" = fp16 on GPUs (CUDA, MPS, ...), fp32 on the CPU."""
+def compute_dtype(
+    settings: Settings,
+    device: torch.device,
+    webui_dtype: torch.dtype | None = None,
+    *,
+    half_works: bool = True,
+) -> torch.dtype:
+    """The precision OMS runs in on ``device``.
+
+    An explicit setting wins, except that fp16 is never used on the CPU (slow and inexact
+    there; fp32 instead). "auto": fp32 on the CPU; on a GPU the precision the WebUI itself
+    runs models in (``webui_dtype``: A1111's ``devices.dtype`` with ``--no-half`` /
+    ``--precision full``, Forge's fp16 check of the device; fp16 when unknown), and fp32 once
+    half precision gave NaN on this device (``half_works`` false).
+    """
     if settings.dtype != "auto":
-        return DTYPES[settings.dtype]
-    return torch.float32 if device.type == "cpu" else torch.float16
+        chosen = DTYPES[settings.dtype]
+        return torch.float32 if chosen == torch.float16 and device.type == "cpu" else chosen
+    if device.type == "cpu" or not half_works:
+        return torch.float32
+    return webui_dtype if webui_dtype is not None else torch.float16
 
 
 def should_offload(settings: Settings, host_low_vram: bool) -> bool:
@@ -159,7 +178,10 @@ def provide_model(
         f"checkpoint:{request.borrowed_id}" if request.borrowed_encoder is not None else "module"
     )
     key = CacheKey(
-        str(resolved.path), str(request.device), str(request.dtype).removeprefix("torch."), source
+        str(resolved.path),
+        str(canonical_device(request.device)),
+        str(request.dtype).removeprefix("torch."),
+        source,
     )
     return cache.get(key, lambda: _load(resolved, request, download))
 

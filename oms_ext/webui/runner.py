@@ -183,8 +183,17 @@ def _check_batch(inputs: BatchInputs) -> None:
 
 
 @torch.no_grad()
-def run_oms(inputs: BatchInputs, args: OMSArgs, load_model: Callable[[], OMSModel]) -> Outcome:
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def run_oms(
+    inputs: BatchInputs, args: OMSArgs, load_model: Callable[[bool], OMSModel]
+) -> Outcome:
     """One OMS step (paper Eq. 20/21) for a batch, or the reason it is skipped.
+
+    ``load_model(fp32)`` gives the model to run; ``fp32`` true asks for a float32 one, which
+    is used once when a half-precision model returned NaN/inf (fp16 is broken on some GPUs).
 
     The returned noise replaces the WebUI's unit noise: after the WebUI's own scaling
     (``* sigma0``, ``* sqrt(1 + sigma0^2)`` or none) the sampler starts from the OMS x_T in
@@ -207,24 +216,29 @@ def run_oms(inputs: BatchInputs, args: OMSArgs, load_model: Callable[[], OMSMode
     alpha_bar = start_alpha_bar(inputs.start)
     if not needs_oms(alpha_bar):
         return skipped(args, f"zero-terminal-SNR start (alpha_bar0 = {alpha_bar:.2e}) needs no OMS")
+    upcast_note = ""
     try:
-        model = load_model()
+        model = load_model(False)
         x_T = _oms_x_T(model, inputs, args, alpha_bar)
+        if not _finite(x_T) and model.dtype != torch.float32:
+            half = str(model.dtype).removeprefix("torch.")
+            upcast_note = f"{half} gave NaN/inf on this device, OMS runs in float32 from now on"
+            model = load_model(True)
+            x_T = _oms_x_T(model, inputs, args, alpha_bar)
     except (OMSLoadError, TextEncoderNotFound, DownloadError, UnsupportedModelError) as e:
         return skipped(args, f"{type(e).__name__}: {e}")
     except (RuntimeError, MemoryError) as e:
         if isinstance(e, MemoryError) or is_out_of_memory(e):
             return skipped(args, "out of memory while running the OMS module")
         raise
-    if not bool(torch.isfinite(x_T).all()):
+    if not _finite(x_T):
         return skipped(args, "the OMS module produced NaN/inf values")
     noise = noise_for_sampler(x_T, inputs.start).to(inputs.noise.device, inputs.noise.dtype)
     info = args.infotext()
     info[ALPHA_BAR_KEY] = f"{alpha_bar:.6g}"
     where = _describe_start(inputs.start)
-    return Outcome(
-        noise, info, f"[OMS] One More Step applied: {where}, alpha_bar0 = {alpha_bar:.6g}"
-    )
+    message = f"[OMS] One More Step applied: {where}, alpha_bar0 = {alpha_bar:.6g}"
+    return Outcome(noise, info, f"{message} ({upcast_note})" if upcast_note else message)
 
 
 def _oms_x_T(model: OMSModel, inputs: BatchInputs, args: OMSArgs, alpha_bar: float) -> torch.Tensor:
