@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from oms_ext.errors import OMSUserError
 from oms_ext.step import cfg_combine
 from oms_ext.unet import OMSUNet, UNetConfig, config_from_state_dict_shapes
 
@@ -56,8 +57,15 @@ KEYS_SHOWN = 5
 PROMPT_CACHE_SIZE = 64
 
 
-class OMSLoadError(ValueError):
-    """An OMS module could not be loaded; the message names the file and the problem."""
+class OMSLoadError(OMSUserError, ValueError):
+    """An OMS module could not be loaded; the message names the file and the problem,
+    ``reason`` says in a few words what to do (no path)."""
+
+
+#: The short reasons of the module-file problems users meet.
+REASON_CORRUPT = "the module file is truncated or corrupt; download it again"
+REASON_NOT_A_MODULE = "the file is not an OMS module (see the console for what it holds)"
+REASON_PICKLE = "only .safetensors modules are read, pickles (.ckpt/.pt/.bin) are refused"
 
 
 class PromptEncoderLike(Protocol):
@@ -169,6 +177,12 @@ class OMSModel:
         """
         if x_S.ndim != 4:
             raise ValueError(f"x_S must be a latent batch [B, C, H, W], got {tuple(x_S.shape)}")
+        channels = self.unet.cfg.in_channels
+        if x_S.shape[1] != channels:
+            raise ValueError(
+                f"x_S has {x_S.shape[1]} channels, this module takes {channels}-channel latents "
+                f"(shape [B, {channels}, H, W])"
+            )
         batch = x_S.shape[0]
         pos = _per_row(prompts, batch, "prompts")
         neg = _per_row(
@@ -213,6 +227,8 @@ def load_oms(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     text_encoder: PromptEncoderLike | None = None,
+    *,
+    owns_text_encoder: bool = False,
     **text_kwargs: Any,
 ) -> OMSModel:
     """Load an OMS module folder (released layout) or single ``.safetensors`` file.
@@ -221,6 +237,8 @@ def load_oms(
     without ``text_encoder``, the encoder its pointer files name is loaded through
     ``oms_ext.text.load_prompt_encoder(root, device=..., dtype=..., **text_kwargs)``; a single
     file needs ``text_encoder`` (any :class:`PromptEncoderLike`, e.g. the SD2 checkpoint's own).
+    A given ``text_encoder`` is borrowed (never moved, its outputs never cached) unless
+    ``owns_text_encoder`` says the model may treat it as its own.
     Raises :class:`OMSLoadError` for anything wrong with the files.
     """
     path = Path(path)
@@ -231,13 +249,14 @@ def load_oms(
             f"text encoder, not with text_encoder= given"
         )
     unet, config = load_module(path, device=device, dtype=torch_dtype)
-    owns = text_encoder is None
+    owns = text_encoder is None or owns_text_encoder
     if text_encoder is None:
         if not path.is_dir():
             raise OMSLoadError(
                 f"{path}: a single module file carries no text encoder; pass text_encoder= "
                 f"(for the SD1.5/2.1 module: Stable Diffusion 2.1's OpenCLIP ViT-H encoder, "
-                f"hidden size {unet.cfg.cross_attention_dim}) or load the released folder"
+                f"hidden size {unet.cfg.cross_attention_dim}) or load the released folder",
+                reason="a single module file needs a text encoder",
             )
         from oms_ext.text import load_prompt_encoder
 
@@ -245,7 +264,11 @@ def load_oms(
     if text_encoder.hidden_size != unet.cfg.cross_attention_dim:
         raise OMSLoadError(
             f"{path}: the module attends to {unet.cfg.cross_attention_dim}-d text states but "
-            f"the text encoder gives {text_encoder.hidden_size}-d ones"
+            f"the text encoder gives {text_encoder.hidden_size}-d ones",
+            reason=(
+                f"the module needs {unet.cfg.cross_attention_dim}-wide text states, its text "
+                f"encoder gives {text_encoder.hidden_size}; check the module's text encoder"
+            ),
         )
     return OMSModel(unet, text_encoder, config, path, owns_text_encoder=owns)
 
@@ -266,7 +289,9 @@ def load_module(
     """The module network alone (no text encoder) and its config dict, from a folder or file."""
     path = Path(path)
     if not path.exists():
-        raise OMSLoadError(f"{path}: no such file or folder")
+        raise OMSLoadError(
+            f"{path}: no such file or folder", reason="the module is not in the models folder"
+        )
     if path.is_dir():
         config_file, weights = find_module_files(path)
         config = _read_json(config_file)
@@ -291,7 +316,8 @@ def find_module_files(root: Path) -> tuple[Path, Path]:
         raise OMSLoadError(
             f"{root}: no {MODULE_FOLDER}/config.json; expected the released OMS folder layout "
             f"(model_index.json, {MODULE_FOLDER}/config.json, {MODULE_FOLDER}/"
-            f"{WEIGHT_FILE_NAMES[0]} or its .fp16 variant){hint}"
+            f"{WEIGHT_FILE_NAMES[0]} or its .fp16 variant){hint}",
+            reason=f"the module folder lacks {MODULE_FOLDER}/config.json; download it again",
         )
     for name in WEIGHT_FILE_NAMES:
         if (module_dir / name).is_file():
@@ -300,19 +326,27 @@ def find_module_files(root: Path) -> tuple[Path, Path]:
     if pickles:
         raise OMSLoadError(
             f"{module_dir}: only pickle weights ({', '.join(pickles)}); OMS loads .safetensors "
-            f"only. Download {WEIGHT_FILE_NAMES[1]} from the release or convert the file"
+            f"only. Download {WEIGHT_FILE_NAMES[1]} from the release or convert the file",
+            reason=REASON_PICKLE,
         )
-    raise OMSLoadError(f"{module_dir}: no weights; expected {' or '.join(WEIGHT_FILE_NAMES)}")
+    raise OMSLoadError(
+        f"{module_dir}: no weights; expected {' or '.join(WEIGHT_FILE_NAMES)}",
+        reason="the module folder has no weights file; download it again",
+    )
 
 
 def _check_weight_file(path: Path) -> Path:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise OMSLoadError(
             f"{path}: pickle checkpoints ({path.suffix}) are refused, they can run code when "
-            f"loaded; download the module's .safetensors file or convert this one to safetensors"
+            f"loaded; download the module's .safetensors file or convert this one to safetensors",
+            reason=REASON_PICKLE,
         )
     if path.suffix.lower() != ".safetensors":
-        raise OMSLoadError(f"{path}: not a .safetensors file (or an OMS module folder)")
+        raise OMSLoadError(
+            f"{path}: not a .safetensors file (or an OMS module folder)",
+            reason="modules are .safetensors files or folders",
+        )
     return path
 
 
@@ -320,9 +354,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OMSLoadError(f"{path}: cannot read the config ({e})") from e
+        raise OMSLoadError(
+            f"{path}: cannot read the config ({e})", reason=f"its {path.name} is unreadable"
+        ) from e
     if not isinstance(data, dict):
-        raise OMSLoadError(f"{path}: the config must be a JSON object")
+        raise OMSLoadError(
+            f"{path}: the config must be a JSON object", reason=f"its {path.name} is malformed"
+        )
     return data
 
 
@@ -335,9 +373,20 @@ def read_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, st
     except (SafetensorError, OSError) as e:
         raise OMSLoadError(
             f"{weights}: not a readable safetensors file ({e}); it is truncated or corrupt, "
-            f"download it again"
+            f"download it again",
+            reason=REASON_CORRUPT,
         ) from e
     return shapes, metadata
+
+
+def cross_attention_width(weights: Path) -> int | None:
+    """The width of the text states a module's weights attend to (the input width of its
+    cross-attention keys), from the file's header; None when it has no cross-attention."""
+    shapes, _ = read_header(weights)
+    for key, shape in shapes.items():
+        if key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            return int(shape[1])
+    return None
 
 
 def _single_file_config(weights: Path) -> tuple[dict[str, Any], str]:
@@ -351,13 +400,20 @@ def _single_file_config(weights: Path) -> tuple[dict[str, Any], str]:
         try:
             extra = json.loads(metadata[METADATA_CONFIG_KEY])
         except json.JSONDecodeError as e:
-            raise OMSLoadError(f"{weights}: metadata {METADATA_CONFIG_KEY} is not JSON") from e
+            raise OMSLoadError(
+                f"{weights}: metadata {METADATA_CONFIG_KEY} is not JSON", reason=REASON_CORRUPT
+            ) from e
         if not isinstance(extra, dict):
-            raise OMSLoadError(f"{weights}: metadata {METADATA_CONFIG_KEY} is not a JSON object")
+            raise OMSLoadError(
+                f"{weights}: metadata {METADATA_CONFIG_KEY} is not a JSON object",
+                reason=REASON_CORRUPT,
+            )
     try:
         config = config_from_state_dict_shapes(shapes, extra)
     except ValueError as e:
-        raise OMSLoadError(f"{weights}: cannot infer the module architecture: {e}") from e
+        raise OMSLoadError(
+            f"{weights}: cannot infer the module architecture: {e}", reason=REASON_NOT_A_MODULE
+        ) from e
     return config, f"{weights} (architecture inferred from tensor shapes)"
 
 
@@ -372,7 +428,9 @@ def _build_and_fill(
     try:
         cfg = UNetConfig.from_dict(config)
     except ValueError as e:
-        raise OMSLoadError(f"{config_source}: {e}") from e
+        raise OMSLoadError(
+            f"{config_source}: {e}", reason="the module config is not one OMS can build"
+        ) from e
     with torch.device("meta"):
         unet = OMSUNet(cfg)
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
@@ -381,7 +439,9 @@ def _build_and_fill(
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise OMSLoadError(f"{weights}: cannot read the tensors ({e}); download it again") from e
+        raise OMSLoadError(
+            f"{weights}: cannot read the tensors ({e}); download it again", reason=REASON_CORRUPT
+        ) from e
     unet = unet.to(dtype=dtype).to_empty(device=device)
     unet.load_state_dict(state, strict=True)
     return unet.requires_grad_(False).eval()
@@ -410,7 +470,8 @@ def _check_keys(
         problems.append(f"{len(wrong)} shape mismatch(es): {shown}{more}")
     if problems:
         raise OMSLoadError(
-            f"{weights} does not match the module config {config_source}: " + "; ".join(problems)
+            f"{weights} does not match the module config {config_source}: " + "; ".join(problems),
+            reason=REASON_NOT_A_MODULE,
         )
 
 

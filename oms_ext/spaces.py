@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from oms_ext.errors import OMSUserError
+
 #: Below this VP alpha_bar the start holds (numerically) no signal: zero-terminal-SNR schedules
 #: (the WebUIs' "Zero Terminal SNR" option, ztsnr checkpoints) start at sigma0 ~ 4500, i.e.
 #: alpha_bar ~ 5e-8. OMS has nothing to add there and returns the WebUI's noise unchanged.
@@ -40,8 +42,12 @@ SUPPORTED_LATENT_CHANNELS = 4
 Space = Literal["sigma", "timestep"]
 
 
-class UnsupportedModelError(ValueError):
-    """The loaded model is one OMS cannot help (flow matching, 16-channel latents, ...)."""
+class UnsupportedModelError(OMSUserError, ValueError):
+    """The loaded model is one OMS cannot help (flow matching, 16-channel latents, ...); the
+    message names no file, so it is its own short reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=message)
 
 
 def check_model_supported(latent_channels: int, is_flow: bool = False, name: str = "") -> None:

@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from oms_ext.errors import OMSUserError
 
 CONTEXT_LENGTH = 77
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
@@ -54,8 +57,20 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TokenizeFn = Callable[[Sequence[str]], torch.Tensor]
 
 
-class TextEncoderNotFound(FileNotFoundError):
-    """The text encoder or tokenizer files an OMS module needs are not available locally."""
+class TextEncoderNotFound(OMSUserError, FileNotFoundError):
+    """The text encoder or tokenizer files an OMS module needs are not available locally; the
+    message says which files to get and where to put them."""
+
+
+class TextEncoderError(OMSUserError, ValueError):
+    """Text-encoder files (or the module's pointer to them) are there but unusable."""
+
+
+REASON_ENCODER_CORRUPT = "its text encoder files are truncated or corrupt; download them again"
+REASON_POINTER_BROKEN = (
+    "its text-encoder pointer (oms_text_encoder/config.json) is malformed; "
+    "download the module again"
+)
 
 
 class PromptEncoder(abc.ABC):
@@ -262,17 +277,25 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in chars]
 
 
+REASON_NO_OPENCLIP = (
+    "SD 2.1's tokenizer is built from open_clip's vocabulary; install open_clip_torch"
+)
+
+
 def _openclip_bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise TextEncoderNotFound(
             "open_clip is not installed, so its bundled vocabulary "
             "bpe_simple_vocab_16e6.txt.gz is unavailable; install open_clip_torch or provide the "
-            f"tokenizer files ({', '.join(TOKENIZER_FILES)}) of {SD21_REPO}/tokenizer"
+            f"tokenizer files ({', '.join(TOKENIZER_FILES)}) of {SD21_REPO}/tokenizer",
+            reason=REASON_NO_OPENCLIP,
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
-        raise TextEncoderNotFound(f"open_clip is installed but {path.name} is missing from it")
+        raise TextEncoderNotFound(
+            f"open_clip is installed but {path.name} is missing from it", reason=REASON_NO_OPENCLIP
+        )
     return path
 
 
@@ -345,14 +368,23 @@ def read_pointer(root: Path, component: str) -> Pointer:
     ``subfolder``)."""
     path = root / component / "config.json"
     if not path.is_file():
-        raise TextEncoderNotFound(f"{path} is missing; an OMS module folder needs it")
+        raise TextEncoderNotFound(
+            f"{path} is missing; an OMS module folder needs it (the released module has "
+            f"{component}/config.json naming its text encoder): download it into {root}",
+            reason=f"the module folder lacks {component}/config.json; download the module again",
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    name = data.get("_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TextEncoderError(
+            f"{path} is not valid JSON: {err}", reason=REASON_POINTER_BROKEN
+        ) from err
+    name = data.get("_name_or_path") if isinstance(data, dict) else None
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{path}: '_name_or_path' must name a folder or a Hugging Face repo")
+        raise TextEncoderError(
+            f"{path}: '_name_or_path' must name a folder or a Hugging Face repo",
+            reason=REASON_POINTER_BROKEN,
+        )
     return Pointer(str(data.get("_class_name", "")), name, str(data.get("subfolder", "") or ""))
 
 
@@ -432,7 +464,7 @@ class Lookup:
 
 
 def resolve_component_folder(
-    root: Path,
+    root: Path | None,
     pointer: Pointer,
     lookup: Lookup,
     *,
@@ -443,18 +475,24 @@ def resolve_component_folder(
     download_any_of: str | None = None,
 ) -> Path:
     """Find the local folder holding a pointed-to component (see the module docstring for the
-    search order). ``download_any_of`` picks which of ``lookup.any_of`` to download."""
+    search order). ``root``: the module folder, None for a module without one (then only repo
+    ids and absolute paths resolve). ``download_any_of`` picks which of ``lookup.any_of`` to
+    download."""
     name, sub = pointer.name_or_path, pointer.subfolder
-    local = Path(name) if Path(name).is_absolute() else root / name
-    if name == "." or local.exists() or not _REPO_ID.match(name):
+    if Path(name).is_absolute():
+        local: Path | None = Path(name)
+    else:
+        local = root / name if root is not None else None
+    if local is not None and (name == "." or not _REPO_ID.match(name) or local.exists()):
         folder = local / sub if sub else local
         if _is_complete(folder, lookup.required, lookup.any_of):
             return folder
         raise TextEncoderNotFound(
             f"{lookup.what}: {folder} must hold {_describe(lookup)} (named by the pointer "
-            f"'_name_or_path': {name!r}, 'subfolder': {sub!r}, resolved against {root})"
+            f"'_name_or_path': {name!r}, 'subfolder': {sub!r}, resolved against {root})",
+            reason=f"its {lookup.what} files are missing; the console says which files go where",
         )
-    candidates = [root / sub] if sub else []
+    candidates = [root / sub] if sub and root is not None else []
     if models_dir is not None:
         candidates.append(models_dir_folder(models_dir, name, sub))
     for folder in candidates:
@@ -469,7 +507,13 @@ def resolve_component_folder(
         found = _hub_folder(name, sub, lookup, pick, local_only=False, **hub)
         if found is not None:
             return found
-    raise TextEncoderNotFound(_not_found_message(lookup, name, sub, candidates, allow_download))
+    raise TextEncoderNotFound(
+        _not_found_message(lookup, name, sub, candidates, allow_download),
+        reason=(
+            f"its {lookup.what} ({name}) is not on this computer; the console says which files "
+            "to download and where to put them"
+        ),
+    )
 
 
 def _describe(lookup: Lookup) -> str:
@@ -511,11 +555,22 @@ def load_clip_text_model(
 
     weights = next((folder / n for n in TEXT_ENCODER_WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
-        raise TextEncoderNotFound(f"{folder} has none of {', '.join(TEXT_ENCODER_WEIGHT_FILES)}")
-    config = CLIPTextConfig.from_pretrained(str(folder))
+        raise TextEncoderNotFound(
+            f"{folder} has none of {', '.join(TEXT_ENCODER_WEIGHT_FILES)}",
+            reason="its text encoder weights are missing; the console says where they go",
+        )
+    try:
+        config = CLIPTextConfig.from_pretrained(str(folder))
+        state_dict = load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as e:  # json errors are ValueErrors
+        raise TextEncoderError(
+            f"{folder}: cannot read the text encoder ({type(e).__name__}: {e}); download "
+            f"config.json and {weights.name} again",
+            reason=REASON_ENCODER_CORRUPT,
+        ) from e
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     model = model_cls(config)
-    load_text_state_dict(model, load_file(str(weights)), source=str(weights))
+    load_text_state_dict(model, state_dict, source=str(weights))
     return model.to(dtype=dtype).eval()
 
 
@@ -523,7 +578,7 @@ def load_text_state_dict(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str
 ) -> None:
     """Load transformers CLIP text weights whatever their ``text_model.`` prefix convention;
-    raise ValueError naming ``source`` when a weight is missing."""
+    raise :class:`TextEncoderError` naming ``source`` when a weight is missing."""
     wanted = model.state_dict().keys()
     prefixed = any(key.startswith("text_model.") for key in wanted)
     fixed = {}
@@ -534,11 +589,14 @@ def load_text_state_dict(
     missing, _ = model.load_state_dict(fixed, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing:
-        raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise TextEncoderError(
+            f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}",
+            reason="its text encoder file lacks weights (not the encoder the module needs?)",
+        )
 
 
 def _load_clip_encoder(
-    root: Path,
+    root: Path | None,
     encoder: Pointer,
     tokenizer: Pointer,
     *,
@@ -582,11 +640,18 @@ def _is_dual(root: Path, encoder: Pointer) -> bool:
     """SDXL two-encoder modules: the pointer's or model_index's class name contains "SDXL"."""
     index_path = root / "model_index.json"
     if not index_path.is_file():
-        raise TextEncoderNotFound(f"{index_path} is missing; is {root} an OMS module folder?")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    entry = index.get("oms_text_encoder")
+        raise TextEncoderNotFound(
+            f"{index_path} is missing; is {root} an OMS module folder?",
+            reason="the module folder lacks model_index.json; download the module again",
+        )
+    broken = "its model_index.json is malformed; download the module again"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TextEncoderError(f"{index_path}: {e}", reason=broken) from e
+    entry = index.get("oms_text_encoder") if isinstance(index, dict) else None
     if entry is None:
-        raise ValueError(f"{index_path} has no 'oms_text_encoder' entry")
+        raise TextEncoderError(f"{index_path} has no 'oms_text_encoder' entry", reason=broken)
     listed = entry[-1] if isinstance(entry, list) and entry else ""
     return "SDXL" in encoder.class_name or "SDXL" in str(listed)
 
@@ -614,13 +679,86 @@ def load_prompt_encoder(
     """
     root = Path(root)
     encoder = read_pointer(root, "oms_text_encoder")
+    dual = _is_dual(root, encoder)
+    tokenizer = None if dual else read_pointer(root, "oms_tokenizer")
     options = {
         "models_dir": models_dir,
         "allow_download": allow_download,
         "hf_cache_dir": hf_cache_dir,
         "progress": progress,
     }
-    if _is_dual(root, encoder):
+    return _load_pointed_encoder(root, encoder, tokenizer, options, device=device, dtype=dtype)
+
+
+def load_release_text_encoder(
+    repo_id: str,
+    *,
+    dual: bool,
+    models_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hf_cache_dir: Path | None = None,
+) -> PromptEncoder:
+    """The text encoder a released module's pointers name, for a module that has no pointer
+    files of its own (a single ``.safetensors`` file, or a release folder without them).
+
+    ``repo_id``: the encoder's repo (SD 2.1's, or SDXL base's for ``dual`` = the mixclip
+    layout). Looked up, without downloading, in ``<models_dir>/<owner>--<name>/`` and then in
+    the Hugging Face cache; raises :class:`TextEncoderNotFound` naming the files and folders.
+    """
+    sub = "" if dual else "text_encoder"
+    encoder = Pointer("CLIPTextModel", repo_id, sub)
+    tokenizer = None if dual else Pointer("CLIPTokenizer", repo_id, "tokenizer")
+    options = {
+        "models_dir": models_dir,
+        "allow_download": False,
+        "hf_cache_dir": hf_cache_dir,
+        "progress": False,
+    }
+    return _load_pointed_encoder(None, encoder, tokenizer, options, device=device, dtype=dtype)
+
+
+def release_text_encoder_available(
+    repo_id: str,
+    *,
+    dual: bool,
+    models_dir: Path,
+    module_root: Path | None = None,
+    hf_cache_dir: Path | None = None,
+) -> bool:
+    """Whether the weights of a release's text encoder (see :func:`load_release_text_encoder`)
+    are on this computer: in ``<module_root>/<subfolder>``, ``<models_dir>/<owner>--<name>/``
+    or the Hugging Face cache. Nothing is downloaded or loaded."""
+    subs = ("text_encoder", "text_encoder_2") if dual else ("text_encoder",)
+    lookup = Lookup("text encoder", ("config.json",), TEXT_ENCODER_WEIGHT_FILES)
+    for sub in subs:
+        try:
+            resolve_component_folder(
+                module_root,
+                Pointer("CLIPTextModel", repo_id, sub),
+                lookup,
+                models_dir=models_dir,
+                allow_download=False,
+                hf_cache_dir=hf_cache_dir,
+                progress=True,
+            )
+        except TextEncoderNotFound:
+            return False
+    return True
+
+
+def _load_pointed_encoder(
+    root: Path | None,
+    encoder: Pointer,
+    tokenizer: Pointer | None,
+    options: dict[str, Any],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> PromptEncoder:
+    """Single CLIP (``tokenizer`` given) or the SDXL pair (``tokenizer`` None, ``encoder``
+    naming the SDXL base folder or repo)."""
+    if tokenizer is None:
         parts = []
         for suffix, with_projection in (("", False), ("_2", True)):
             enc = Pointer(encoder.class_name, encoder.name_or_path, f"text_encoder{suffix}")
@@ -641,7 +779,7 @@ def load_prompt_encoder(
     single = _load_clip_encoder(
         root,
         encoder,
-        read_pointer(root, "oms_tokenizer"),
+        tokenizer,
         with_projection=False,
         penultimate=False,
         fallback_tokenizer=True,

@@ -3,10 +3,9 @@ failure handling (OOM, NaN)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,12 @@ from oms_ext.spaces import SamplerStart, UnsupportedModelError
 from oms_ext.webui import a1111
 from oms_ext.webui.args import SKIPPED_KEY, OMSArgs
 from oms_ext.webui.cache import CacheKey, ModelCache, canonical_device, same_device
-from oms_ext.webui.download import DownloadError, RemoteFile, download_files, missing_files
+from oms_ext.webui.download import (
+    DownloadError,
+    DownloadPending,
+    download_files,
+    missing_files,
+)
 from oms_ext.webui.provider import ModelRequest, Settings, compute_dtype, provide_model
 from oms_ext.webui.registry import (
     AUTO_MODULE,
@@ -28,64 +32,9 @@ from oms_ext.webui.registry import (
 )
 from oms_ext.webui.runner import BatchInputs, ImageSeeds, fresh_noise, fresh_noise_seed, run_oms
 from tests import webui_standins as wi
+from tests.fake_hub import FakeHub
 
 TINY = wi.TINY_MODULE
-
-
-def _pointer(cls: str, subfolder: str) -> bytes:
-    """A released module's pointer file naming SD 2.1's hub repo (as the real ones do)."""
-    data = {
-        "_class_name": cls,
-        "_name_or_path": "stabilityai/stable-diffusion-2-1",
-        "subfolder": subfolder,
-    }
-    return json.dumps(data).encode()
-
-
-#: What the fake hub serves: the tiny fixture in the released layout (weights as .fp16).
-HUB_SOURCE = {
-    "model_index.json": TINY / "model_index.json",
-    "oms_module/config.json": TINY / "oms_module" / "config.json",
-    "oms_module/diffusion_pytorch_model.fp16.safetensors": TINY
-    / "oms_module"
-    / "diffusion_pytorch_model.safetensors",
-    "oms_text_encoder/config.json": _pointer("CLIPTextModel", "text_encoder"),
-    "oms_tokenizer/config.json": _pointer("CLIPTokenizer", "tokenizer"),
-    "text_encoder/config.json": TINY / "text_encoder" / "config.json",
-    "text_encoder/model.fp16.safetensors": TINY / "text_encoder" / "model.safetensors",
-    **{f"tokenizer/{p.name}": p for p in (TINY / "tokenizer").iterdir()},
-}
-
-
-def _served(name: str) -> bytes:
-    source = HUB_SOURCE[name]
-    return source if isinstance(source, bytes) else source.read_bytes()
-
-
-class FakeHub:
-    """Serves fixture files like huggingface_hub; ``broken`` files arrive truncated."""
-
-    def __init__(self, broken: tuple[str, ...] = (), offline: bool = False):
-        self.broken = broken
-        self.offline = offline
-        self.fetched: list[str] = []
-
-    def fetch(self, repo_id, filename, dest_dir, endpoint):
-        if self.offline:
-            raise OSError("offline mode is enabled")
-        self.fetched.append(filename)
-        dest = dest_dir / filename
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        data = _served(filename)
-        dest.write_bytes(data[: len(data) // 2] if filename in self.broken else data)
-        return dest
-
-    def describe(self, repo_id, filenames, endpoint):
-        out = {}
-        for name in filenames:
-            data = _served(name)
-            out[name] = RemoteFile(len(data), hashlib.sha256(data).hexdigest())
-        return out
 
 
 def download(hub: FakeHub, target: Path, describe=True):
@@ -178,15 +127,31 @@ def test_offline_error_names_repo_files_and_target_folder(tmp_path):
     assert "oms_module/diffusion_pytorch_model.fp16.safetensors" in text
 
 
-def test_missing_known_module_and_its_text_encoder_are_downloaded_then_loaded(tmp_path):
-    hub = FakeHub()
-    request = ModelRequest(
-        AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32, allow_download=True
-    )
-    fetch = lambda repo, files, target, endpoint: download_files(  # noqa: E731
+def _hub_download(hub: FakeHub):
+    return lambda repo, files, target, endpoint: download_files(
         repo, files, target, fetch=hub.fetch, describe=hub.describe, log=lambda _: None
     )
-    model = provide_model(request, ModelCache(), download=fetch)
+
+
+def _request(folder: Path, **kwargs) -> ModelRequest:
+    kwargs.setdefault("allow_download", True)
+    return ModelRequest(AUTO_MODULE, "sd1", (folder,), torch.device("cpu"), torch.float32, **kwargs)
+
+
+def _pending_then_loaded(request: ModelRequest, cache: ModelCache, download):
+    """The first request starts the background download and says so; the model loads after."""
+    with pytest.raises(DownloadPending) as pending:
+        provide_model(request, cache, download=download)
+    cache.downloads.wait()
+    return pending.value, provide_model(request, cache, download=download)
+
+
+def test_missing_known_module_and_its_text_encoder_are_downloaded_in_the_background(tmp_path):
+    hub = FakeHub()
+    pending, model = _pending_then_loaded(_request(tmp_path), ModelCache(), _hub_download(hub))
+    assert pending.reason == (
+        "downloading oms_b_openclip_15_21 (308 MB + 681 MB), OMS will apply once it is there"
+    )
     assert model.cross_attention_dim == 32
     assert (tmp_path / "oms_b_openclip_15_21" / "oms_module" / "config.json").is_file()
     assert (
@@ -194,34 +159,55 @@ def test_missing_known_module_and_its_text_encoder_are_downloaded_then_loaded(tm
     ).is_file()
 
 
+def test_a_module_being_downloaded_is_not_fetched_twice(tmp_path):
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow(repo_id, files, target, *, endpoint=None):
+        calls.append(repo_id)
+        release.wait(10)
+        raise DownloadError("offline", reason="could not download (offline?)")
+
+    cache = ModelCache()
+    for _ in range(3):
+        with pytest.raises(DownloadPending, match="downloading|Still"):
+            provide_model(_request(tmp_path), cache, download=slow)
+    release.set()
+    cache.downloads.wait()
+    assert calls == ["h1t/oms_b_openclip_15_21"]
+
+
 def test_missing_module_with_downloads_off_names_the_files_to_fetch(tmp_path):
-    request = ModelRequest(AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32)
-    with pytest.raises(DownloadError, match="downloading is off"):
-        provide_model(request, ModelCache())
+    with pytest.raises(DownloadError, match="downloading is off") as err:
+        provide_model(_request(tmp_path, allow_download=False), ModelCache())
+    assert "oms_module/diffusion_pytorch_model.fp16.safetensors" in str(err.value)
+    assert err.value.reason.startswith("oms_b_openclip_15_21 is not downloaded (308 MB + 681 MB)")
 
 
 def test_a_failed_download_fails_at_once_for_a_while_then_is_retried(tmp_path, monkeypatch):
-    from oms_ext.webui import cache as cache_module
+    from oms_ext.webui import download as download_module
 
     calls: list[str] = []
 
     def offline(repo_id, files, target, *, endpoint=None):
         calls.append(repo_id)
-        raise DownloadError(f"could not download {repo_id} (offline)")
+        raise DownloadError(f"could not download {repo_id}", reason="could not download (offline?)")
 
     clock = [1000.0]
-    monkeypatch.setattr(cache_module.time, "monotonic", lambda: clock[0])
-    request = ModelRequest(
-        AUTO_MODULE, "sd1", (tmp_path,), torch.device("cpu"), torch.float32, allow_download=True
-    )
+    monkeypatch.setattr(download_module.time, "monotonic", lambda: clock[0])
     cache = ModelCache()
+    with pytest.raises(DownloadPending):
+        provide_model(_request(tmp_path), cache, download=offline)
+    cache.downloads.wait()
     for _ in range(2):
-        with pytest.raises(DownloadError, match="offline"):
-            provide_model(request, cache, download=offline)
+        with pytest.raises(DownloadError) as err:
+            provide_model(_request(tmp_path), cache, download=offline)
+        assert err.value.reason == "could not download (offline?)"
     assert len(calls) == 1
-    clock[0] += ModelCache.DOWNLOAD_RETRY_AFTER_S
-    with pytest.raises(DownloadError):
-        provide_model(request, cache, download=offline)
+    clock[0] += cache.downloads.RETRY_AFTER_S
+    with pytest.raises(DownloadPending):
+        provide_model(_request(tmp_path), cache, download=offline)
+    cache.downloads.wait()
     assert len(calls) == 2
 
 

@@ -4,21 +4,22 @@ At most one module is kept. It is loaded on first use and kept for the next gene
 request with a different key (module path, device, dtype, text-encoder source) replaces it.
 :meth:`ModelCache.offload` moves it to the CPU after the OMS step (low/medium VRAM or when the
 setting asks); :meth:`ModelCache.get` moves it back to its device on the next use.
-It also remembers recent failed downloads, so an offline WebUI does not wait for the hub
-client's retries on every generation, and the devices whose half precision gave NaN.
+It also holds the downloads under way (:class:`~oms_ext.webui.download.DownloadJobs`, which
+remember recent failures, so an offline WebUI does not wait for the hub client's retries on
+every generation) and the devices whose half precision gave NaN.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from oms_ext.loading import OMSModel
+from oms_ext.webui.download import DownloadJobs
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -56,16 +57,11 @@ class CacheKey:
 class ModelCache:
     """Holds the OMS model in use; thread-safe (the WebUI API may run jobs in threads)."""
 
-    #: Seconds during which a failed download of the same files is not tried again.
-    DOWNLOAD_RETRY_AFTER_S = 300.0
-
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: CacheKey | None = None
         self._model: OMSModel | None = None
-        # A lock of their own: downloads also happen inside get()'s load(), under _lock.
-        self._failures_lock = threading.Lock()
-        self._failed_downloads: dict[str, tuple[float, str]] = {}
+        self.downloads = DownloadJobs()
         self._half_precision_nan: set[torch.device] = set()
 
     def half_precision_works(self, device: torch.device | str) -> bool:
@@ -75,19 +71,6 @@ class ModelCache:
 
     def note_half_precision_nan(self, device: torch.device | str) -> None:
         self._half_precision_nan.add(canonical_device(device))
-
-    def recent_download_failure(self, source: str) -> str | None:
-        """The error of a download of ``source`` (repo address) that failed less than
-        :attr:`DOWNLOAD_RETRY_AFTER_S` seconds ago, else None."""
-        with self._failures_lock:
-            failed = self._failed_downloads.get(source)
-        if failed is None or time.monotonic() - failed[0] >= self.DOWNLOAD_RETRY_AFTER_S:
-            return None
-        return failed[1]
-
-    def note_download_failure(self, source: str, message: str) -> None:
-        with self._failures_lock:
-            self._failed_downloads[source] = (time.monotonic(), message)
 
     @property
     def key(self) -> CacheKey | None:

@@ -163,14 +163,19 @@ class OMSController:
         return x if outcome.noise is None else outcome.noise
 
     def _run_guarded(self, p: Any, x: torch.Tensor) -> Outcome:
-        """:meth:`_run`, where any unexpected failure leaves the noise alone, prints its
-        traceback and says "OMS skipped: internal error ..." in the infotext: the image is
-        always sampled (from the seed's noise), whatever breaks inside OMS."""
+        """:meth:`_run`, where any unexpected failure (a bug: the user's mistakes are
+        :class:`OMSUserError` and handled in :func:`run_oms`) leaves the noise alone, prints its
+        traceback and says "OMS skipped: internal error (<type>) ..." in the infotext, without
+        the message, which may hold local paths: the image is always sampled (from the seed's
+        noise), whatever breaks inside OMS."""
         try:
             return self._run(p, x)
         except Exception as e:
-            detail = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            outcome = skipped(p.oms_args, f"internal error ({detail}); traceback in the console")
+            reason = (
+                f"internal error ({type(e).__name__}); please report it with the traceback "
+                "from the console"
+            )
+            outcome = skipped(p.oms_args, reason)
             self.host.log(f"{outcome.message}\n{traceback.format_exc()}")
             _record(p, outcome.infotext)
             return outcome
@@ -184,7 +189,7 @@ class OMSController:
         try:
             inputs = self.adapter.batch_inputs(p, x, self.host.opts, sd_model)
         except UnsupportedModelError as e:
-            outcome = skipped(p.oms_args, str(e))
+            outcome = skipped(p.oms_args, e.reason)
             _record(p, outcome.infotext)
             self.host.log(outcome.message)
             return outcome

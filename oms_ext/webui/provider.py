@@ -11,21 +11,41 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from oms_ext.loading import DTYPES, OMSModel, PromptEncoderLike, load_oms, read_header
-from oms_ext.text import ClipPromptEncoder, TextEncoderNotFound, load_clip_text_model, tokenize_fn
+from oms_ext.loading import (
+    DTYPES,
+    OMSLoadError,
+    OMSModel,
+    PromptEncoderLike,
+    cross_attention_width,
+    find_module_files,
+    load_oms,
+    read_header,
+)
+from oms_ext.text import (
+    TextEncoderError,
+    TextEncoderNotFound,
+    load_release_text_encoder,
+    release_text_encoder_available,
+)
 from oms_ext.webui.cache import CacheKey, ModelCache, canonical_device
 from oms_ext.webui.download import (
     DownloadError,
+    DownloadPending,
     download_files,
     missing_files,
     repo_url,
     text_encoder_folder,
 )
-from oms_ext.webui.registry import KNOWN_BY_NAME, ResolvedModule, resolve_module
+from oms_ext.webui.registry import (
+    TEXT_ENCODER_BY_WIDTH,
+    ResolvedModule,
+    TextEncoderFiles,
+    resolve_module,
+)
 
 DEVICES = ("auto", "cpu")
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
@@ -165,15 +185,15 @@ def provide_model(
 ) -> OMSModel:
     """The loaded OMS model for ``request`` (from ``cache`` when it is the same one).
 
-    Raises UnsupportedModelError / ValueError (no module for this checkpoint), DownloadError
-    (missing files that cannot or may not be downloaded), TextEncoderNotFound, OMSLoadError.
+    A local module (file or folder) always wins over the release of its name and is never
+    fetched again; a known release that is not on disk, and the text encoder a module needs
+    when it is nowhere on this computer, are downloaded in the background with ``download``
+    (one job per module; :class:`DownloadPending` meanwhile). Raises :class:`OMSUserError`
+    subclasses for everything the user can fix: UnsupportedModelError (no module for this
+    checkpoint), ModuleNotInstalled, DownloadError / DownloadPending, TextEncoderNotFound,
+    TextEncoderError, OMSLoadError; their ``reason`` names the module.
     """
     resolved = resolve_module(request.choice, request.family, list(request.folders))
-    download = _remembering_failures(download, cache)
-    if resolved.known is not None:
-        _fetch_missing(
-            resolved, request, download, resolved.known.repo_id, resolved.known.files, resolved.path
-        )
     source = (
         f"checkpoint:{request.borrowed_id}" if request.borrowed_encoder is not None else "module"
     )
@@ -183,81 +203,118 @@ def provide_model(
         str(request.dtype).removeprefix("torch."),
         source,
     )
-    return cache.get(key, lambda: _load(resolved, request, download))
+    try:
+        return cache.get(key, lambda: _load(resolved, request, cache, download))
+    except (OMSLoadError, TextEncoderNotFound, TextEncoderError) as e:
+        e.reason = f"module {resolved.name}: {e.reason}"
+        raise
 
 
-def _remembering_failures(download: Callable[..., Path], cache: ModelCache) -> Callable[..., Path]:
-    """``download`` that, for a few minutes after it failed for a repo, fails again at once
-    with the same message: offline, the hub client's retries take about 20 s per attempt."""
+@dataclass(frozen=True)
+class _Download:
+    """Files of one repo to fetch into ``target``; ``size_mb`` for messages."""
 
-    def fetch(repo_id: str, files: Sequence[str], target: Path, *, endpoint: str | None = None):
-        source = repo_url(repo_id, endpoint)
-        recent = cache.recent_download_failure(source)
-        if recent is not None:
-            minutes = round(cache.DOWNLOAD_RETRY_AFTER_S / 60)
-            raise DownloadError(f"{recent}\n(not retried for {minutes} min after a failure)")
-        try:
-            return download(repo_id, files, target, endpoint=endpoint)
-        except DownloadError as e:
-            cache.note_download_failure(source, str(e))
-            raise
-
-    return fetch
+    repo_id: str
+    files: tuple[str, ...]
+    target: Path
+    size_mb: int
 
 
-def _fetch_missing(
-    resolved: ResolvedModule,
-    request: ModelRequest,
-    download: Callable[..., Path],
-    repo_id: str,
-    files: tuple[str, ...],
-    target: Path,
-) -> None:
-    missing = missing_files(target, files)
-    if not missing:
-        return
-    if not request.allow_download:
-        listing = ", ".join(missing)
-        raise DownloadError(
-            f"OMS module {resolved.name} is incomplete or missing in {target} and downloading "
-            f"is off (Settings > One More Step). Download {listing} from "
-            f"{repo_url(repo_id, request.endpoint)} into {target}, or allow downloads"
+def _release_encoder(resolved: ResolvedModule) -> TextEncoderFiles:
+    """The text encoder a module without pointer files uses: its release's, or by the width
+    of the text states it attends to (1024: SD 2.1's, 2048: SDXL's pair)."""
+    if resolved.known is not None:
+        return resolved.known.text_encoder
+    weights = resolved.path if resolved.path.is_file() else find_module_files(resolved.path)[1]
+    width = cross_attention_width(weights)
+    spec = TEXT_ENCODER_BY_WIDTH.get(width) if width is not None else None
+    if spec is None:
+        raise OMSLoadError(
+            f"{weights}: no text encoder is known for a module attending to {width}-wide text "
+            f"states; load it with oms_ext.load_oms(..., text_encoder=...)",
+            reason=f"no known text encoder gives the {width}-wide text states it reads",
         )
-    download(repo_id, files, target, endpoint=request.endpoint)
+    return spec
 
 
 def _load(
-    resolved: ResolvedModule, request: ModelRequest, download: Callable[..., Path]
+    resolved: ResolvedModule,
+    request: ModelRequest,
+    cache: ModelCache,
+    download: Callable[..., Path],
 ) -> OMSModel:
-    device, dtype = request.device, request.dtype
-    if request.borrowed_encoder is not None:
-        return load_oms(resolved.path, device, dtype, text_encoder=request.borrowed_encoder())
-    models_dir = request.folders[0]
-    if resolved.path.is_file():
-        read_header(resolved.path)  # a broken file fails here, before any encoder download
-        return load_oms(resolved.path, device, dtype, text_encoder=_sd21_encoder(request, download))
-    try:
-        return load_oms(resolved.path, device, dtype, models_dir=models_dir, allow_download=False)
-    except TextEncoderNotFound:
-        if resolved.known is None:
-            raise
-    spec = resolved.known.text_encoder
-    _fetch_missing(
-        resolved, request, download, spec.repo_id, spec.files, text_encoder_folder(models_dir, spec)
+    device, dtype, models_dir = request.device, request.dtype, request.folders[0]
+    path = resolved.path
+    if resolved.present and path.is_file():
+        read_header(path)  # a broken file fails here, before any encoder download
+    borrowed = request.borrowed_encoder is not None
+    has_pointer = path.is_dir() and (path / "oms_text_encoder" / "config.json").is_file()
+    spec = None if borrowed or (has_pointer and resolved.known is None) else _release_encoder(
+        resolved
     )
-    return load_oms(resolved.path, device, dtype, models_dir=models_dir, allow_download=False)
+    needed = []
+    if not resolved.present and resolved.known is not None:
+        known = resolved.known
+        needed.append(_Download(known.repo_id, known.files, path, known.size_mb))
+    if spec is not None and not release_text_encoder_available(
+        spec.repo_id,
+        dual=spec.dual,
+        models_dir=models_dir,
+        module_root=path if path.is_dir() else None,
+    ):
+        target = text_encoder_folder(models_dir, spec)
+        needed.append(_Download(spec.repo_id, spec.files, target, spec.size_mb))
+    if needed:
+        _download_in_background(resolved, needed, request, cache, download)
+    if borrowed:
+        return load_oms(path, device, dtype, text_encoder=request.borrowed_encoder())
+    if has_pointer or spec is None:
+        return load_oms(path, device, dtype, models_dir=models_dir, allow_download=False)
+    encoder = load_release_text_encoder(
+        spec.repo_id, dual=spec.dual, models_dir=models_dir, device=device, dtype=dtype
+    )
+    return load_oms(path, device, dtype, text_encoder=encoder, owns_text_encoder=True)
 
 
-def _sd21_encoder(request: ModelRequest, download: Callable[..., Path]) -> ClipPromptEncoder:
-    """SD 2.1's text encoder for a single-file module (which names no encoder itself), from
-    ``<models>/stabilityai--stable-diffusion-2-1`` (downloaded there when allowed)."""
-    from transformers import CLIPTokenizer
+def _download_in_background(
+    resolved: ResolvedModule,
+    needed: Sequence[_Download],
+    request: ModelRequest,
+    cache: ModelCache,
+    download: Callable[..., Path],
+) -> NoReturn:
+    """Start (once) the download of what ``resolved`` still needs; always raises:
+    DownloadPending while it runs, DownloadError when downloads are off or failed lately."""
+    sizes = " + ".join(f"{part.size_mb} MB" for part in needed)
+    what = resolved.name if not resolved.present else f"the text encoder of {resolved.name}"
+    listing = "\n".join(
+        f"  {', '.join(missing_files(part.target, part.files))} of "
+        f"{repo_url(part.repo_id, request.endpoint)} into {part.target}"
+        for part in needed
+    )
+    if not request.allow_download:
+        raise DownloadError(
+            f"OMS module {resolved.name} is incomplete or missing and downloading is off "
+            f"(Settings > One More Step). Download by hand:\n{listing}\nor allow downloads",
+            reason=f"{what} is not downloaded ({sizes}) and downloads are off; allow them in "
+            "Settings > One More Step, or see the console for the files to get",
+        )
+    key = f"{request.endpoint or ''}|{resolved.path}"
+    failed = cache.downloads.recent_failure(key)
+    if failed is not None:
+        minutes = round(cache.downloads.RETRY_AFTER_S / 60)
+        raise DownloadError(
+            f"{failed}\n(a failed download is tried again {minutes} min after it failed)",
+            reason=failed.reason,
+        )
 
-    spec = KNOWN_BY_NAME["oms_b_openclip_15_21"].text_encoder
-    folder = text_encoder_folder(request.folders[0], spec)
-    stub = ResolvedModule("SD 2.1 text encoder", None, folder, present=False)
-    _fetch_missing(stub, request, download, spec.repo_id, spec.files, folder)
-    model = load_clip_text_model(folder / "text_encoder", dtype=request.dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    encoder = ClipPromptEncoder(model, tokenize_fn(tokenizer), owns_model=True)
-    return encoder.to(device=request.device, dtype=request.dtype)
+    def work() -> None:
+        for part in needed:
+            download(part.repo_id, part.files, part.target, endpoint=request.endpoint)
+
+    started = cache.downloads.start(key, work)
+    raise DownloadPending(
+        f"{'Started' if started else 'Still'} downloading {what} ({sizes}) in the "
+        f"background:\n{listing}\nOMS applies to the generations after it has finished",
+        reason=f"downloading {what} ({sizes}), OMS will apply once it is there",
+    )

@@ -2,8 +2,13 @@
 
 Known modules are the authors' releases (Hugging Face, fp16, licence openrail++). Local modules
 are found by scanning the models folders: released-layout folders (``model_index.json`` +
-``oms_module/config.json``) and single ``.safetensors`` files. "Auto" picks the known module of
-the loaded checkpoint's family: SD1.x/SD2.x share one latent space, SDXL has its own.
+``oms_module/config.json``) and single ``.safetensors`` files that hold an OMS module. "Auto"
+picks the known module of the loaded checkpoint's family: SD1.x/SD2.x share one latent space,
+SDXL has its own. A local module always wins over the release of the same name.
+
+The models folder may hold anything: hidden entries (dot-folders, download staging folders),
+unreadable folders, broken links and other ``.safetensors`` files (an SD checkpoint dropped
+there by mistake) are passed over, never an error.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from oms_ext.errors import OMSUserError
+from oms_ext.loading import OMSLoadError, read_header
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.text import SD21_REPO, TOKENIZER_FILES, TOKENIZER_OPTIONAL_FILES
 from oms_ext.webui.args import AUTO_MODULE
@@ -31,22 +38,26 @@ MODULE_FILES = (
 
 @dataclass(frozen=True)
 class TextEncoderFiles:
-    """Files of the text encoder(s) a module's pointers name, as a repo and its paths."""
+    """Files of the text encoder(s) a module's pointers name, as a repo and its paths;
+    ``dual``: SDXL's two encoders (mixclip layout); ``size_mb``: the download's size."""
 
     repo_id: str
     files: tuple[str, ...]
+    size_mb: int
+    dual: bool = False
 
 
 @dataclass(frozen=True)
 class KnownModule:
     """A released OMS module: name (= folder name under the models folder), hub repo, the
-    checkpoint families whose latent space it was trained in, and its text encoder's files
-    (oms_b_mixclip_xl: SDXL's two encoders, about 5 GB with the module)."""
+    checkpoint families whose latent space it was trained in, its text encoder's files and
+    the size of the module's own files in MB (fp16)."""
 
     name: str
     repo_id: str
     families: tuple[Family, ...]
     text_encoder: TextEncoderFiles
+    size_mb: int
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -61,16 +72,25 @@ def _clip_files(subfolder: str, tokenizer: str) -> tuple[str, ...]:
     )
 
 
-_SD21_TEXT = TextEncoderFiles(SD21_REPO, _clip_files("text_encoder", "tokenizer"))
-_SDXL_TEXT = TextEncoderFiles(
+#: SD 2.1's OpenCLIP ViT-H text encoder (23 layers, fp16: 681 MB).
+SD21_TEXT = TextEncoderFiles(SD21_REPO, _clip_files("text_encoder", "tokenizer"), 681)
+#: SDXL base's two encoders (CLIP-L 246 MB + OpenCLIP bigG 1.39 GB in fp16).
+SDXL_TEXT = TextEncoderFiles(
     SDXL_REPO,
     _clip_files("text_encoder", "tokenizer") + _clip_files("text_encoder_2", "tokenizer_2"),
+    1635,
+    dual=True,
 )
+#: The text encoder of a module that names none itself, by its cross-attention width.
+TEXT_ENCODER_BY_WIDTH = {1024: SD21_TEXT, 2048: SDXL_TEXT}
 
 KNOWN_MODULES: tuple[KnownModule, ...] = (
-    KnownModule("oms_b_openclip_15_21", "h1t/oms_b_openclip_15_21", ("sd1", "sd2"), _SD21_TEXT),
-    KnownModule("oms_b_openclip_xl", "h1t/oms_b_openclip_xl", ("sdxl",), _SD21_TEXT),
-    KnownModule("oms_b_mixclip_xl", "h1t/oms_b_mixclip_xl", ("sdxl",), _SDXL_TEXT),
+    KnownModule(
+        "oms_b_openclip_15_21", "h1t/oms_b_openclip_15_21", ("sd1", "sd2"), SD21_TEXT, 308
+    ),
+    KnownModule("oms_b_openclip_xl", "h1t/oms_b_openclip_xl", ("sdxl",), SD21_TEXT, 308),
+    # 5.09 GB in all with SDXL's encoders.
+    KnownModule("oms_b_mixclip_xl", "h1t/oms_b_mixclip_xl", ("sdxl",), SDXL_TEXT, 3455),
 )
 KNOWN_BY_NAME = {m.name: m for m in KNOWN_MODULES}
 #: "Auto": the default module of each checkpoint family.
@@ -79,6 +99,10 @@ AUTO_BY_FAMILY = {
     "sd2": "oms_b_openclip_15_21",
     "sdxl": "oms_b_openclip_xl",
 }
+
+
+class ModuleNotInstalled(OMSUserError, ValueError):
+    """A module name that is neither a release nor in the models folders."""
 
 
 @dataclass(frozen=True)
@@ -103,21 +127,50 @@ def is_module_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / "oms_module" / "config.json").is_file()
 
 
+def is_module_file(path: Path) -> bool:
+    """Whether a ``.safetensors`` file may hold an OMS module: the module network's keys
+    (``conv_in``, ``conv_out``) at top level and no time embedding (a full diffusers UNet has
+    one; an SD checkpoint keeps its UNet under ``model.diffusion_model``). A file whose header
+    cannot be read counts (a truncated download of a module: choosing it says so). Reads the
+    file's header only."""
+    try:
+        shapes, _ = read_header(path)
+    except OMSLoadError:
+        return True
+    has_module_keys = all(k in shapes for k in ("conv_in.weight", "conv_out.weight"))
+    return has_module_keys and not any(k.startswith("time_embedding.") for k in shapes)
+
+
+def _module_entry(entry: Path) -> LocalModule | None:
+    if entry.name.startswith("."):  # hidden, or a download's staging folder
+        return None
+    if entry.is_dir():
+        return LocalModule(entry.name, entry) if is_module_folder(entry) else None
+    if entry.suffix.lower() == ".safetensors" and entry.is_file() and is_module_file(entry):
+        return LocalModule(entry.stem, entry)
+    return None
+
+
 def scan_modules(folders: Iterable[Path]) -> list[LocalModule]:
     """Modules in ``folders`` (first folder wins on a name clash), sorted by name.
 
-    A module is a subfolder in the released layout or a ``.safetensors`` file at top level.
-    Missing folders are skipped; nothing is created.
+    A module is a subfolder in the released layout or a ``.safetensors`` file at top level
+    holding a module. Missing or unreadable folders and entries are passed over; nothing is
+    created.
     """
     found: dict[str, LocalModule] = {}
     for folder in folders:
-        if not folder.is_dir():
+        try:
+            entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        except OSError:  # unreadable (another user's, lost+found, ...)
             continue
-        for entry in sorted(folder.iterdir()):
-            if entry.is_dir() and is_module_folder(entry):
-                found.setdefault(entry.name, LocalModule(entry.name, entry))
-            elif entry.is_file() and entry.suffix.lower() == ".safetensors":
-                found.setdefault(entry.stem, LocalModule(entry.stem, entry))
+        for entry in entries:
+            try:
+                module = _module_entry(entry)
+            except OSError:  # an entry we may not look into
+                continue
+            if module is not None:
+                found.setdefault(module.name, module)
     return sorted(found.values(), key=lambda m: m.name)
 
 
@@ -143,7 +196,8 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
     module not on disk resolves to ``folders[0]/<name>`` with ``present`` false.
 
     Raises UnsupportedModelError for "Auto" on an unsupported family or a known module picked
-    for the wrong family, ValueError for an unknown name that is not on disk.
+    for the wrong family, :class:`ModuleNotInstalled` for an unknown name that is not on disk
+    (say from a pasted infotext of someone else's image).
     """
     if not folders:
         raise ValueError("resolve_module needs at least one models folder")
@@ -159,8 +213,10 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
         return ResolvedModule(name, known, local[name].path, present=True)
     if known is None:
         names = ", ".join(module_choices(list(local.values())))
-        raise ValueError(
+        raise ModuleNotInstalled(
             f"OMS module {name!r} is neither a known release nor in "
-            f"{', '.join(str(f) for f in folders)}; available: {names}"
+            f"{', '.join(str(f) for f in folders)}; available: {names}",
+            reason=f"module {name} is not installed; choose another module or put it into "
+            "the OMS models folder",
         )
     return ResolvedModule(name, known, folders[0] / name, present=False)

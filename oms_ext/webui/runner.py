@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from oms_ext.loading import OMSLoadError, OMSModel
+from oms_ext.errors import OMSUserError
+from oms_ext.loading import OMSModel
 from oms_ext.spaces import (
     SamplerStart,
     UnsupportedModelError,
@@ -27,9 +28,7 @@ from oms_ext.spaces import (
     start_alpha_bar,
 )
 from oms_ext.step import oms_start
-from oms_ext.text import TextEncoderNotFound
 from oms_ext.webui.args import ALPHA_BAR_KEY, NOTE_KEY, SKIPPED_KEY, OMSArgs
-from oms_ext.webui.download import DownloadError
 from oms_ext.webui.prompts import strip_webui_syntax
 
 #: Offset mixed into the image seed for the fresh noise z, so z never equals the seed's x_S.
@@ -95,11 +94,14 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def skipped(args: OMSArgs, reason: str) -> Outcome:
-    """An Outcome that leaves the noise alone and says why, in the console and infotext."""
+def skipped(args: OMSArgs, reason: str, detail: str = "") -> Outcome:
+    """An Outcome that leaves the noise alone and says why: ``reason`` (one short line, no
+    local paths) in the infotext and the console, ``detail`` (file names, folders, what to
+    download) in the console only."""
     info = args.infotext()
     info[SKIPPED_KEY] = reason
-    return Outcome(None, info, f"[OMS] One More Step skipped: {reason}")
+    message = f"[OMS] One More Step skipped: {reason}"
+    return Outcome(None, info, f"{message}\n{detail}" if detail and detail != reason else message)
 
 
 def fresh_noise_seed(seed: int) -> int:
@@ -210,7 +212,7 @@ def run_oms(
     try:
         check_model_supported(inputs.noise.shape[1], inputs.is_flow, inputs.family)
     except UnsupportedModelError as e:
-        return skipped(args, str(e))
+        return skipped(args, e.reason)
     if inputs.start is None:
         return skipped(args, "the sampler's start could not be determined")
     alpha_bar = start_alpha_bar(inputs.start)
@@ -225,8 +227,8 @@ def run_oms(
             upcast_note = f"{half} gave NaN/inf on this device, OMS runs in float32 from now on"
             model = load_model(True)
             x_T = _oms_x_T(model, inputs, args, alpha_bar)
-    except (OMSLoadError, TextEncoderNotFound, DownloadError, UnsupportedModelError) as e:
-        return skipped(args, f"{type(e).__name__}: {e}")
+    except OMSUserError as e:
+        return skipped(args, e.reason, str(e))
     except (RuntimeError, MemoryError) as e:
         if isinstance(e, MemoryError) or is_out_of_memory(e):
             return skipped(args, "out of memory while running the OMS module")
