@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from oms_ext.errors import OMSUserError
+from oms_ext.prompt_syntax import WeightedPrompt, as_weighted
 from oms_ext.step import cfg_combine
 from oms_ext.unet import OMSUNet, UNetConfig, config_from_state_dict_shapes
 
@@ -56,6 +57,8 @@ KEYS_SHOWN = 5
 #: Prompts whose text states an OMSModel keeps (about 160 kB each for OMS-B in fp16).
 PROMPT_CACHE_SIZE = 64
 
+Prompt = str | WeightedPrompt
+
 
 class OMSLoadError(OMSUserError, ValueError):
     """An OMS module could not be loaded; the message names the file and the problem,
@@ -72,12 +75,15 @@ class PromptEncoderLike(Protocol):
     """What OMS needs from a text encoder (``oms_ext.text.PromptEncoder`` or any look-alike).
 
     ``enc(prompts)`` returns the text states [B, 77, hidden_size] (last hidden state after the
-    final LayerNorm) on the encoder's own device and dtype.
+    final LayerNorm, emphasis applied) on the encoder's own device and dtype;
+    ``enc.count_tokens(prompts)`` the tokens of each prompt before the cut to 75.
     """
 
     hidden_size: int
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor: ...
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor: ...
+
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]: ...
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -107,7 +113,7 @@ class OMSModel:
         self.owns_text_encoder = owns_text_encoder
         #: Text states of recent prompts (the module's device/dtype), most recent last; only
         #: for an encoder this model owns, whose weights nothing else can change.
-        self.prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prompt_cache: OrderedDict[WeightedPrompt, torch.Tensor] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -133,15 +139,16 @@ class OMSModel:
         return self
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text states [B, 77, D] for ``prompts``, on the module's device and dtype.
+    def encode(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Text states [B, 77, D] for ``prompts`` (plain strings or
+        :class:`~oms_ext.prompt_syntax.WeightedPrompt`), on the module's device and dtype.
 
         Repeated prompts are encoded once. With an encoder this model owns, the states of the
         last :data:`PROMPT_CACHE_SIZE` prompts are kept (the default negative "" is then
         encoded once per model); a borrowed encoder (the checkpoint's own, which LoRAs may
         patch) is always run.
         """
-        texts = _check_prompts(prompts, "prompts")
+        texts = [as_weighted(p) for p in _check_prompts(prompts, "prompts")]
         unique = list(dict.fromkeys(texts))
         if not self.owns_text_encoder:
             emb = self.text_encoder(unique).to(self.device, self.dtype)
@@ -158,19 +165,25 @@ class OMSModel:
             cache.popitem(last=False)
         return out
 
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        """Tokens of each prompt before the text encoder's cut to 75 (see
+        :data:`oms_ext.text.PROMPT_TOKENS`)."""
+        return self.text_encoder.count_tokens(_check_prompts(prompts, "prompts"))
+
     @torch.no_grad()
     def predict_x0(
         self,
         x_S: torch.Tensor,
-        prompts: Sequence[str] | str,
+        prompts: Sequence[Prompt] | Prompt,
         cfg_scale: float,
-        negative_prompts: Sequence[str] | str | None = None,
+        negative_prompts: Sequence[Prompt] | Prompt | None = None,
     ) -> torch.Tensor:
         """Guided clean-latent prediction ``x0_hat = -(v_u + w (v_c - v_u))`` (paper Eq. 21).
 
         ``x_S`` [B, C, H, W] is unit Gaussian noise (VP space, SNR = 0), any dtype/device; the
-        result has its dtype and device. ``prompts`` and ``negative_prompts`` hold one string
-        per batch row, or one string for all rows; negatives default to ``""``. ``cfg_scale``
+        result has its dtype and device. ``prompts`` and ``negative_prompts`` hold one prompt
+        (a string or a :class:`~oms_ext.prompt_syntax.WeightedPrompt`) per batch row, or one
+        for all rows; negatives default to ``""``. ``cfg_scale``
         is the OMS guidance w; w = 1 runs the module once on the prompts only, otherwise once
         on ``x`` against ``cat[E(negatives), E(prompts)]`` (the batch ``cat[x, x]``, with the
         text-free layers computed once, see :meth:`OMSUNet.forward`).
@@ -201,17 +214,20 @@ class OMSModel:
         return (-v).to(x_S.device, x_S.dtype)
 
 
-def _check_prompts(prompts: Sequence[str], name: str) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a list of strings, got {prompts!r}")
+def _check_prompts(prompts: Sequence[Prompt], name: str) -> list[Prompt]:
+    if isinstance(prompts, str | WeightedPrompt) or not all(
+        isinstance(p, str | WeightedPrompt) for p in prompts
+    ):
+        raise ValueError(f"{name} must be a list of strings or WeightedPrompts, got {prompts!r}")
     if not prompts:
         raise ValueError(f"{name} is empty")
     return list(prompts)
 
 
-def _per_row(prompts: Sequence[str] | str, batch: int, name: str) -> list[str]:
-    """One prompt per batch row: a string or a 1-list is repeated, else the length must match."""
-    texts = _check_prompts([prompts] if isinstance(prompts, str) else prompts, name)
+def _per_row(prompts: Sequence[Prompt] | Prompt, batch: int, name: str) -> list[Prompt]:
+    """One prompt per batch row: a prompt or a 1-list is repeated, else the length must match."""
+    single = isinstance(prompts, str | WeightedPrompt)
+    texts = _check_prompts([prompts] if single else prompts, name)
     if len(texts) == 1:
         return texts * batch
     if len(texts) != batch:

@@ -16,7 +16,7 @@ text tower gives the OMS embedding without downloading anything:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,10 +24,9 @@ import torch
 from oms_ext.text import (
     SD2_OMS_LAYERS,
     ClipPromptEncoder,
-    PromptEncoder,
-    TokenizeFn,
+    PromptTokenizer,
+    TokenEncoder,
     load_text_state_dict,
-    tokenize_fn,
     tokenizer_from_openclip_vocab,
 )
 
@@ -159,7 +158,7 @@ def clip_encoder_from_openclip_state_dict(
     ``num_layers`` defaults to the tower's block count minus one, Stable Diffusion 2.x's
     "penultimate" layer: 23 for ViT-H, which equals SD 2.1's Hugging Face text encoder. The
     output is the state after ``num_layers`` blocks followed by ``ln_final``, [B, 77, width].
-    ``tokenizer`` (transformers tokenizer or prompts -> ids [B, 77] function) defaults to
+    ``tokenizer`` (a transformers CLIP tokenizer) defaults to
     SD 2.1's, rebuilt from open_clip's vocabulary.
     """
     from transformers import CLIPTextModel
@@ -174,7 +173,7 @@ def clip_encoder_from_openclip_state_dict(
         model, openclip_to_transformers(tower, layers), source="the OpenCLIP state dict"
     )
     tok = tokenizer if tokenizer is not None else tokenizer_from_openclip_vocab()
-    encoder = ClipPromptEncoder(model.eval(), tokenize_fn(tok), owns_model=True)
+    encoder = ClipPromptEncoder(model.eval(), tok, owns_model=True)
     return encoder.to(device=device, dtype=dtype)
 
 
@@ -192,22 +191,30 @@ def plain_embedding(embedding: torch.nn.Module) -> torch.nn.Module:
     return embedding
 
 
-class OpenClipTowerEncoder(PromptEncoder):
+class OpenClipTowerEncoder(TokenEncoder):
     """A borrowed open_clip-layout text tower (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks``, ``ln_final``, optional ``attn_mask``) run through its first
     ``num_layers`` blocks, then ``ln_final``; causal mask, no padding mask; a WebUI's wrapper
     around ``token_embedding`` is bypassed (:func:`plain_embedding`). The tower's weights
-    are never copied or moved: computation runs where they are, results land on
-    ``device``/``dtype``."""
+    are never copied or moved by OMS: computation runs where the embedding puts its output,
+    results land on ``device``/``dtype``.
+
+    ``compute_device``: where token ids go. A WebUI running with ``--medvram``/``--lowvram``
+    keeps the tower on the CPU and moves it to its device in a forward pre-hook on the token
+    embedding (A1111 1.10.1 ``modules/lowvram.py``, ``send_me_to_gpu``); the ids must then be
+    on that device already, as A1111 puts them (``sd_hijack_clip`` ``process_tokens``:
+    ``devices.device``), not where the weights were before the call.
+    """
 
     def __init__(
         self,
         tower: torch.nn.Module,
-        tokenize: TokenizeFn,
+        tokenizer: Any,
         *,
         num_layers: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compute_device: Callable[[], torch.device] | None = None,
     ) -> None:
         depth = len(tower.transformer.resblocks)
         if not 1 <= num_layers <= depth:
@@ -216,7 +223,8 @@ class OpenClipTowerEncoder(PromptEncoder):
             )
         weight = plain_embedding(tower.token_embedding).weight
         self.tower = tower
-        self.tokenize = tokenize
+        self.tokenizer = PromptTokenizer(tokenizer)
+        self.compute_device = compute_device
         self.num_layers = num_layers
         self.hidden_size = int(weight.shape[1])
         self.device = torch.device(device) if device is not None else weight.device
@@ -228,8 +236,8 @@ class OpenClipTowerEncoder(PromptEncoder):
         tower = self.tower
         embedding = plain_embedding(tower.token_embedding)
         length = ids.shape[1]
-        x = embedding(ids.to(embedding.weight.device))
-        x = x + tower.positional_embedding[:length].to(x.dtype)
+        x = embedding(ids.to(self._ids_device(embedding.weight)))  # may fire the WebUI's hooks
+        x = x + tower.positional_embedding[:length].to(device=x.device, dtype=x.dtype)
         mask = getattr(tower, "attn_mask", None)
         if mask is None:
             mask = _causal_mask(length, x.device, x.dtype)
@@ -244,9 +252,6 @@ class OpenClipTowerEncoder(PromptEncoder):
             x = x.permute(1, 0, 2)
         return tower.ln_final(x).to(device=self.device, dtype=self.dtype)
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.encode_ids(self.tokenize(prompts))
-
 
 def wrap_openclip_tower(
     tower: torch.nn.Module,
@@ -255,15 +260,21 @@ def wrap_openclip_tower(
     num_layers: int = SD2_OMS_LAYERS,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    compute_device: Callable[[], torch.device] | None = None,
 ) -> OpenClipTowerEncoder:
     """Borrow an open_clip-layout text tower (e.g. AUTOMATIC1111's
     ``FrozenOpenCLIPEmbedder.model`` for SD 2.x) as the OMS prompt encoder.
 
-    ``tokenizer`` is a transformers tokenizer or a prompts -> ids [B, 77] function; the default
-    is SD 2.1's tokenizer (pad ``"!"``, as OMS was trained) rebuilt from open_clip's vocabulary.
-    ``open_clip.tokenize`` differs from it on prompts containing ``"!"``.
+    ``tokenizer`` is a transformers CLIP tokenizer; the default is SD 2.1's tokenizer (pad
+    ``"!"``, as OMS was trained) rebuilt from open_clip's vocabulary. ``compute_device``: see
+    :class:`OpenClipTowerEncoder`.
     """
     tok = tokenizer if tokenizer is not None else tokenizer_from_openclip_vocab()
     return OpenClipTowerEncoder(
-        tower, tokenize_fn(tok), num_layers=num_layers, device=device, dtype=dtype
+        tower,
+        tok,
+        num_layers=num_layers,
+        device=device,
+        dtype=dtype,
+        compute_device=compute_device,
     )

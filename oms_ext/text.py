@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from oms_ext.errors import OMSUserError
+from oms_ext.prompt_syntax import WeightedPrompt, as_weighted
 
 CONTEXT_LENGTH = 77
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
@@ -54,7 +55,10 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 TOKENIZER_OPTIONAL_FILES = ("special_tokens_map.json",)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-TokenizeFn = Callable[[Sequence[str]], torch.Tensor]
+#: Tokens of one prompt the encoder reads: 77 positions minus start and end of text.
+PROMPT_TOKENS = CONTEXT_LENGTH - 2
+
+Prompt = str | WeightedPrompt
 
 
 class TextEncoderNotFound(OMSUserError, FileNotFoundError):
@@ -73,8 +77,91 @@ REASON_POINTER_BROKEN = (
 )
 
 
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids [B, 77] (long), per-token emphasis multipliers [B, 77] (float32; 1 at the
+    start/end tokens and the padding) and each prompt's token count before it was cut to
+    :data:`PROMPT_TOKENS`."""
+
+    ids: torch.Tensor
+    multipliers: torch.Tensor
+    counts: list[int]
+
+
+class PromptTokenizer:
+    """Stable Diffusion's tokenization of (weighted) prompts with a transformers CLIP tokenizer.
+
+    Each fragment of a :class:`~oms_ext.prompt_syntax.WeightedPrompt` is tokenized on its own
+    and its tokens carry its multiplier, as in the WebUIs; the first :data:`PROMPT_TOKENS`
+    tokens are kept between start- and end-of-text, the rest of the 77 positions is padding
+    (SD 2.1's tokenizer pads with ``"!"``, id 0). A plain prompt gives exactly the ids of
+    ``tokenizer(prompt, padding="max_length", max_length=77, truncation=True)``.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import PreTrainedTokenizerBase
+
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {tokenizer!r}")
+        self.tokenizer = tokenizer
+        self.bos = int(tokenizer.bos_token_id)
+        self.eos = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad = self.eos if pad is None else int(pad)
+
+    def __call__(self, prompts: Sequence[Prompt]) -> TokenBatch:
+        weighted = [as_weighted(p) for p in prompts]
+        texts = [text for prompt in weighted for text, _ in prompt.fragments]
+        pieces = iter(self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
+        ids, multipliers, counts = [], [], []
+        for prompt in weighted:
+            tokens: list[int] = []
+            weights: list[float] = []
+            for _, weight in prompt.fragments:
+                piece = next(pieces)
+                tokens += piece
+                weights += [weight] * len(piece)
+            counts.append(len(tokens))
+            tokens, weights = tokens[:PROMPT_TOKENS], weights[:PROMPT_TOKENS]
+            padding = CONTEXT_LENGTH - 2 - len(tokens)
+            ids.append([self.bos, *tokens, self.eos] + [self.pad] * padding)
+            multipliers.append([1.0, *weights, 1.0] + [1.0] * padding)
+        return TokenBatch(
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(multipliers, dtype=torch.float32),
+            counts,
+        )
+
+
+def apply_emphasis(
+    states: torch.Tensor, multipliers: torch.Tensor, restore_mean: Sequence[bool]
+) -> torch.Tensor:
+    """Emphasis as the WebUIs' default ("Original") applies it to the text states.
+
+    ``states`` [B, 77, D] are scaled per token by ``multipliers`` [B, 77]; then each prompt's
+    states are rescaled to their mean before scaling (where ``restore_mean[b]``; "No norm"
+    skips it, and so does a scaled mean of zero, which the rescale would turn into NaN).
+    Prompts without weights come back unchanged. Computed in float32, returned in the dtype
+    and on the device of ``states``.
+    """
+    out = states
+    for row, (mult, restore) in enumerate(zip(multipliers, restore_mean, strict=True)):
+        if bool((mult == 1.0).all()):
+            continue
+        if out is states:
+            out = states.clone()
+        z = states[row].float()
+        scaled = z * mult.to(z.device)[:, None]
+        new_mean = scaled.mean()
+        if restore and bool(new_mean != 0) and bool(torch.isfinite(new_mean)):
+            scaled = scaled * (z.mean() / new_mean)
+        out[row] = scaled.to(states.dtype)
+    return out
+
+
 class PromptEncoder(abc.ABC):
-    """Turns prompts into the OMS module's context.
+    """Turns prompts (plain or :class:`~oms_ext.prompt_syntax.WeightedPrompt`) into the OMS
+    module's context.
 
     Calling it returns a tensor [B, 77, hidden_size] on ``device`` in ``dtype``; it never
     tracks gradients.
@@ -85,8 +172,12 @@ class PromptEncoder(abc.ABC):
     dtype: torch.dtype
 
     @abc.abstractmethod
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Encode ``prompts`` to [len(prompts), 77, hidden_size]."""
+
+    @abc.abstractmethod
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        """Tokens of each prompt before the cut to :data:`PROMPT_TOKENS`."""
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -99,42 +190,29 @@ class PromptEncoder(abc.ABC):
         return self
 
 
-def tokenize_fn(tokenizer: Any) -> TokenizeFn:
-    """Return prompts -> LongTensor [B, 77] for a transformers tokenizer or a plain function.
+class TokenEncoder(PromptEncoder):
+    """A single text model fed through a :class:`PromptTokenizer`; subclasses run the model
+    (:meth:`encode_ids`). ``compute_device``: where token ids are sent, for a model whose
+    weights a WebUI moves there on call (low-VRAM hooks); None = where its weights are."""
 
-    A transformers tokenizer pads to 77 with its own pad token and truncates (a prompt longer
-    than 75 tokens keeps 75 and still ends with end-of-text). Any other callable is taken to do
-    exactly that already (for example ``open_clip.tokenize``) and its result is checked.
-    """
-    from transformers import PreTrainedTokenizerBase
+    tokenizer: PromptTokenizer
+    compute_device: Callable[[], torch.device] | None = None
 
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
+    @abc.abstractmethod
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] -> hidden states [B, 77, hidden_size] on ``device``/``dtype``."""
 
-        def run_hf(prompts: Sequence[str]) -> torch.Tensor:
-            return tokenizer(
-                list(prompts),
-                padding="max_length",
-                max_length=CONTEXT_LENGTH,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+    def _ids_device(self, weights: torch.Tensor) -> torch.device:
+        return self.compute_device() if self.compute_device is not None else weights.device
 
-        return run_hf
-    if not callable(tokenizer):
-        raise TypeError(
-            f"tokenizer must be a transformers tokenizer or a callable, got {tokenizer!r}"
-        )
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        weighted = [as_weighted(p) for p in prompts]
+        batch = self.tokenizer(weighted)
+        states = self.encode_ids(batch.ids)
+        return apply_emphasis(states, batch.multipliers, [p.restore_mean for p in weighted])
 
-    def run_fn(prompts: Sequence[str]) -> torch.Tensor:
-        ids = torch.as_tensor(tokenizer(list(prompts)))
-        if ids.ndim != 2 or ids.shape[1] != CONTEXT_LENGTH:
-            raise ValueError(
-                f"tokenizer returned ids of shape {tuple(ids.shape)}; expected "
-                f"[{len(prompts)}, {CONTEXT_LENGTH}]"
-            )
-        return ids.long()
-
-    return run_fn
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        return self.tokenizer(prompts).counts
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -146,7 +224,7 @@ def _text_transformer(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "text_model", model)
 
 
-class ClipPromptEncoder(PromptEncoder):
+class ClipPromptEncoder(TokenEncoder):
     """A transformers ``CLIPTextModel`` (or ``...WithProjection``) run to ``num_layers`` layers.
 
     Output = hidden state after ``num_layers`` encoder layers, then the final LayerNorm when
@@ -154,28 +232,31 @@ class ClipPromptEncoder(PromptEncoder):
     that is ``last_hidden_state``; ``num_layers = depth - 1`` without ``final_norm`` is
     ``hidden_states[-2]`` (SDXL's convention). ``owns_model=False`` marks a borrowed model:
     :meth:`to` then only changes where results land and never moves the weights.
+    ``tokenizer``: a transformers CLIP tokenizer.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenize: TokenizeFn,
+        tokenizer: Any,
         *,
         num_layers: int | None = None,
         final_norm: bool = True,
         owns_model: bool,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compute_device: Callable[[], torch.device] | None = None,
     ) -> None:
         depth = int(model.config.num_hidden_layers)
         layers = depth if num_layers is None else int(num_layers)
         if not 1 <= layers <= depth:
             raise ValueError(f"num_layers must be in 1..{depth} for this text model, got {layers}")
         self.model = model
-        self.tokenize = tokenize
+        self.tokenizer = PromptTokenizer(tokenizer)
         self.num_layers = layers
         self.final_norm = final_norm
         self.owns_model = owns_model
+        self.compute_device = compute_device
         self.hidden_size = int(model.config.hidden_size)
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
@@ -191,7 +272,7 @@ class ClipPromptEncoder(PromptEncoder):
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> hidden states [B, 77, hidden_size] (see the class docstring)."""
-        ids = ids.to(_module_device(self.model))
+        ids = ids.to(self._ids_device(next(self.model.parameters())))
         depth = int(self.model.config.num_hidden_layers)
         if self.final_norm and self.num_layers == depth:
             hidden = self.model(input_ids=ids).last_hidden_state
@@ -201,9 +282,6 @@ class ClipPromptEncoder(PromptEncoder):
             if self.final_norm:
                 hidden = _text_transformer(self.model).final_layer_norm(hidden)
         return hidden.to(device=self.device, dtype=self.dtype)
-
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.encode_ids(self.tokenize(prompts))
 
 
 class ConcatPromptEncoder(PromptEncoder):
@@ -227,8 +305,11 @@ class ConcatPromptEncoder(PromptEncoder):
         self.dtype = self.encoders[0].dtype
         return self
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         return torch.cat([encoder(prompts) for encoder in self.encoders], dim=-1)
+
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        return self.encoders[0].count_tokens(prompts)
 
 
 def wrap_transformers_clip(
@@ -238,22 +319,25 @@ def wrap_transformers_clip(
     num_layers: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    compute_device: Callable[[], torch.device] | None = None,
 ) -> ClipPromptEncoder:
     """Borrow a loaded transformers CLIP text model (for example the WebUI's SD2.x encoder).
 
     The output is the hidden state after ``num_layers`` layers followed by the final LayerNorm
     (default: all layers, i.e. ``last_hidden_state``). For a 24-layer SD2.x encoder pass
     ``num_layers=23`` to get what OMS was trained on. Weights are neither copied nor moved;
-    results land on ``device``/``dtype`` (default: the model's).
+    results land on ``device``/``dtype`` (default: the model's); token ids go to
+    ``compute_device()`` (default: where the weights are).
     """
     return ClipPromptEncoder(
         model,
-        tokenize_fn(tokenizer),
+        tokenizer,
         num_layers=num_layers,
         final_norm=True,
         owns_model=False,
         device=device,
         dtype=dtype,
+        compute_device=compute_device,
     )
 
 
@@ -629,7 +713,7 @@ def _load_clip_encoder(
     depth = int(model.config.num_hidden_layers)
     return ClipPromptEncoder(
         model,
-        tokenize_fn(tok),
+        tok,
         num_layers=depth - 1 if penultimate else depth,
         final_norm=not penultimate,
         owns_model=True,

@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 
 import gradio as gr
-from modules import devices, script_callbacks, scripts, shared
+from modules import devices, extra_networks, prompt_parser, script_callbacks, scripts, shared
 
 from oms_ext import __version__
 from oms_ext.webui import a1111, forge
@@ -61,6 +61,7 @@ def _make_host() -> Host:
         webui_dtype=forge.model_dtype
         if IS_FORGE
         else (lambda _device: a1111.model_dtype(devices, shared.cmd_opts)),
+        prompt_syntax=a1111.WebUIPromptSyntax(prompt_parser, extra_networks, shared.opts),
     )
 
 

@@ -5,3 +5,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+import pytest
+
+
+@pytest.fixture
+def forge_backend(monkeypatch):
+    """Forge's memory manager (stand-in, see tests/webui_standins.py) as ``backend``."""
+    from tests import webui_standins as wi
+
+    manager = wi.ForgeMemoryManagement()
+    manager.install(monkeypatch)
+    return manager

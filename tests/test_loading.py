@@ -16,6 +16,7 @@ from oms_ext.loading import (
     load_module,
     load_oms,
 )
+from oms_ext.prompt_syntax import WeightedPrompt
 from oms_ext.unet import build_unet, count_parameters, packaged_config
 
 FIXTURE = Path(__file__).parent / "data" / "oms-tiny"
@@ -322,7 +323,7 @@ class _CountingEncoder:
         self.calls: list[list[str]] = []
 
     def __call__(self, prompts):
-        self.calls.append(list(prompts))
+        self.calls.append([str(p) for p in prompts])
         return self.inner(prompts)
 
     def to(self, device=None, dtype=None):
@@ -347,8 +348,8 @@ def test_prompt_cache_keeps_only_the_most_recent_prompts() -> None:
     m = load_oms(FIXTURE)
     m.encode([f"prompt {i}" for i in range(PROMPT_CACHE_SIZE + 5)])
     assert len(m.prompt_cache) == PROMPT_CACHE_SIZE
-    assert "prompt 0" not in m.prompt_cache
-    assert f"prompt {PROMPT_CACHE_SIZE + 4}" in m.prompt_cache
+    assert WeightedPrompt.plain("prompt 0") not in m.prompt_cache
+    assert WeightedPrompt.plain(f"prompt {PROMPT_CACHE_SIZE + 4}") in m.prompt_cache
 
 
 def test_borrowed_text_encoder_is_run_on_every_call() -> None:

@@ -22,7 +22,8 @@ from oms_ext.openclip_convert import (
     count_resblocks,
     wrap_openclip_tower,
 )
-from oms_ext.text import tokenize_fn, tokenizer_from_openclip_vocab
+from oms_ext.text import tokenizer_from_openclip_vocab
+from tests import webui_standins as wi
 
 DATA = Path(__file__).parent / "data" / "oms-tiny"
 CONFIGS = Path(__file__).resolve().parents[1] / "oms_ext" / "configs"
@@ -57,7 +58,10 @@ def sd21_tokenizer():
 
 
 def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenize_fn(tokenizer)(prompts)
+    """Token ids as diffusers' SD 2.1 pipeline makes them (the authors' OMS code too)."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def test_openclip_vocab_tokenizer_equals_sd21_tokenizer(vocab_tokenizer, sd21_tokenizer) -> None:
@@ -155,7 +159,7 @@ def test_converted_encoder_uses_given_device_dtype_and_sd21_tokenizer(tower) -> 
     encoder = clip_encoder_from_openclip_state_dict(tower.state_dict(), dtype=torch.bfloat16)
     out = encoder(["a photo of a cat!!"])
     assert out.shape == (1, 77, WIDTH) and out.dtype == torch.bfloat16
-    assert encoder.tokenize(["cat!!"])[0, :5].tolist() == [49406, 2368, 0, 0, 49407]
+    assert encoder.tokenizer(["cat!!"]).ids[0, :5].tolist() == [49406, 2368, 0, 0, 49407]
 
 
 def test_state_dict_without_a_text_tower_is_rejected() -> None:
@@ -226,13 +230,11 @@ def test_wrapped_tower_neither_copies_nor_moves_weights(tower, vocab_tokenizer) 
     assert not out.requires_grad
 
 
-def test_wrapped_tower_accepts_openclip_tokenize_function(tower, vocab_tokenizer) -> None:
-    from open_clip import tokenize
+def test_wrapped_tower_needs_a_transformers_tokenizer(tower) -> None:
+    from open_clip import tokenize  # pads differently from SD 2.1's tokenizer on "!"
 
-    prompts = ["a photo of a cat"]
-    with_function = wrap_openclip_tower(tower, tokenize, num_layers=2)(prompts)
-    with_tokenizer = wrap_openclip_tower(tower, vocab_tokenizer, num_layers=2)(prompts)
-    assert torch.equal(with_function, with_tokenizer)
+    with pytest.raises(TypeError, match="transformers tokenizer"):
+        wrap_openclip_tower(tower, tokenize, num_layers=2)
 
 
 class EmbeddingsWithFixes(torch.nn.Module):
@@ -261,6 +263,49 @@ def test_wrapped_tower_embeds_plain_tokens_under_a1111_embedding_hijack(
     expected = wrap_openclip_tower(tower, vocab_tokenizer, num_layers=2).encode_ids(prompt_ids)
     assert torch.equal(encoder.encode_ids(prompt_ids), expected)
     assert hijacked.token_embedding.calls == 0
+
+
+class FrozenOpenCLIPEmbedder(torch.nn.Module):
+    """The SD2 cond stage model A1111 builds (``ldm.modules.encoders.modules``): ``.model``
+    is the open_clip tower."""
+
+    def __init__(self, tower: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = tower
+
+
+def _lowvram_sd2(tower) -> tuple[FrozenOpenCLIPEmbedder, wi.A1111LowVram]:
+    import copy
+
+    cond = FrozenOpenCLIPEmbedder(copy.deepcopy(tower))
+    lowvram = wi.A1111LowVram("meta")
+    lowvram.setup_sd2(cond)  # hooks first, then the hijack wraps the embedding (load_model)
+    cond.model.token_embedding = EmbeddingsWithFixes(cond.model.token_embedding)
+    return cond, lowvram
+
+
+def test_borrowed_tower_under_a1111_lowvram_hooks_runs_on_the_webuis_device(
+    tower, vocab_tokenizer
+) -> None:
+    cond, lowvram = _lowvram_sd2(tower)  # a re-rolled, cached prompt: the tower is on the CPU
+    encoder = wrap_openclip_tower(
+        cond.model,
+        vocab_tokenizer,
+        num_layers=2,
+        device=lowvram.device,  # where OMS runs: the WebUI's device
+        compute_device=lambda: lowvram.device,
+    )
+    out = encoder(["a cat", "dark night"])
+    assert out.shape == (2, 77, WIDTH) and out.device.type == "meta"
+    assert lowvram.module_in_gpu is cond
+
+
+def test_borrowed_tower_sending_ids_where_its_weights_were_fails_under_lowvram(
+    tower, vocab_tokenizer
+) -> None:
+    cond, _ = _lowvram_sd2(tower)
+    with pytest.raises(RuntimeError, match="same device"):
+        wrap_openclip_tower(cond.model, vocab_tokenizer, num_layers=2)(["a cat"])
 
 
 def test_wrapped_tower_rejects_more_layers_than_it_has(tower, vocab_tokenizer) -> None:

@@ -1,4 +1,4 @@
-"""OMSArgs, the field table, infotext round trips and prompt-syntax stripping."""
+"""OMSArgs, the field table and infotext round trips."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from oms_ext.webui.args import (
     OMSArgsError,
     args_from_infotext,
 )
-from oms_ext.webui.prompts import strip_webui_syntax
 from tests import webui_standins as wi
 
 
@@ -90,28 +89,3 @@ def test_pasting_infotext_without_the_oms_key_turns_oms_off():
 def test_unreadable_pasted_values_fall_back_to_defaults():
     args = args_from_infotext({ENABLED_KEY: "True", "OMS CFG": "lots"})
     assert args == OMSArgs(enabled=True)
-
-
-@pytest.mark.parametrize(
-    ("prompt", "plain"),
-    [
-        ("a (red:1.2) car, ((masterpiece)), [blurry]", "a red car, masterpiece, blurry"),
-        (r"\(foo\) bar \[baz\]", "(foo) bar [baz]"),
-        ("cat BREAK dog", "cat, dog"),
-        ("<lora:x:0.8> a photo <lyco:y> of <hypernet:z:1> a cat", "a photo of a cat"),
-        ("[cat:dog:0.5] in [snow::10], [hat:3]", "cat in snow"),
-        ("[x:y:0] hat", "y hat"),
-        ("[a|b|c] house", "a house"),
-        ("cat :1.2 AND dog:0.5", "cat, dog"),
-        ("((a:1.1), [b:c:0.3]:1.3)", "a, b"),
-        ("a (b", "a (b"),
-        ("(time: noon)", "time: noon"),
-        ("(ratio 16:9)", "ratio 16"),  # the WebUI reads 9 as the weight too
-    ],
-)
-def test_webui_syntax_is_rendered_as_plain_text(prompt, plain):
-    assert strip_webui_syntax(prompt) == plain
-
-
-def test_prompt_editing_renders_the_prompt_of_the_first_step():
-    assert strip_webui_syntax("a [forest:city:0.3] at [night:day:0]") == "a forest at day"

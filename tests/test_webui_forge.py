@@ -3,8 +3,8 @@ memory manager (stand-in of Forge f2.0.1 backend.memory_management / backend.pat
 
 from __future__ import annotations
 
-import sys
-from types import ModuleType, SimpleNamespace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from oms_ext.text import wrap_transformers_clip
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
+from oms_ext.webui.provider import Settings
 from tests import webui_standins as wi
 
 
@@ -58,11 +59,11 @@ def _forge_sd2(layers: int = 24):
     return sd_model
 
 
-def test_forge_sd2_encoder_uses_23_of_24_layers_plus_final_norm():
+def test_forge_sd2_encoder_uses_23_of_24_layers_plus_final_norm(forge_backend):
     sd_model = _forge_sd2()
     encoder = forge.sd2_text_encoder(sd_model)
     transformer = sd_model.forge_objects.clip.cond_stage_model.clip_h.transformer
-    ids = encoder.tokenize(["a cat"])
+    ids = encoder.tokenizer(["a cat"]).ids
     hidden = transformer(input_ids=ids, output_hidden_states=True).hidden_states[23]
     expected = transformer.text_model.final_layer_norm(hidden)
     torch.testing.assert_close(encoder(["a cat"]), expected)
@@ -103,7 +104,7 @@ def _reforge_sd2():
     return sd_model, hf, tokenizer
 
 
-def test_reforge_sd2_encoder_gives_the_23_layer_state_with_sd21_tokens():
+def test_reforge_sd2_encoder_gives_the_23_layer_state_with_sd21_tokens(forge_backend):
     sd_model, hf, tokenizer = _reforge_sd2()
     prompts = ["a cat", "dark night!"]
     expected = wrap_transformers_clip(hf, tokenizer, num_layers=23)(prompts)
@@ -130,7 +131,7 @@ def test_non_sd2_checkpoints_lend_no_text_encoder():
     assert a1111.sd2_text_tower(wi.SDModel()) is None
 
 
-def test_sd2_checkpoint_encoder_is_reused_instead_of_the_modules(tmp_path):
+def test_sd2_checkpoint_encoder_is_reused_instead_of_the_modules(tmp_path, forge_backend):
     wi.install_tiny_module(tmp_path / "oms")
     sd_model = _forge_sd2()
     host = Host(
@@ -157,37 +158,36 @@ def test_sd2_checkpoint_encoder_is_reused_instead_of_the_modules(tmp_path):
     assert not model.owns_text_encoder
 
 
-class _Patcher:
-    def __init__(self, model, load_device, offload_device, size=0, current_device=None):
-        self.model, self.load_device, self.offload_device = model, load_device, offload_device
-
-
-@pytest.fixture
-def fake_forge_backend(monkeypatch):
-    """Stand-in of Forge f2.0.1's backend.memory_management and backend.patcher.base."""
-    loads = []
-    mm = ModuleType("backend.memory_management")
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.load_models_gpu = lambda models, memory_required=0, hard_memory_preservation=0: loads.append(
-        models
-    )
-    base = ModuleType("backend.patcher.base")
-    base.ModelPatcher = _Patcher
-    for name, module in {
-        "backend": ModuleType("backend"),
-        "backend.patcher": ModuleType("backend.patcher"),
-        "backend.memory_management": mm,
-        "backend.patcher.base": base,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return loads
-
-
-def test_forge_memory_reuses_one_patcher_per_model(fake_forge_backend):
+def test_forge_memory_reuses_one_patcher_per_model(forge_backend):
     model = load_oms(wi.TINY_MODULE)
     memory = forge.ForgeMemory()
     memory.load(model)
     memory.load(model)
-    first, second = fake_forge_backend
-    assert first[0] is second[0]
-    assert first[0].model.unet is model.unet
+    (patcher,) = forge_backend.current_loaded_models
+    assert patcher.model.unet is model.unet
+
+
+def test_a1111_sd2_encoder_is_run_on_the_webuis_device_under_lowvram():
+    """The checkpoint's tower sits on the CPU (cond cache hit, --medvram); A1111's hooks move
+    it to devices.device when the embedding is called: the ids must already be there."""
+    from tests.test_openclip_convert import FrozenOpenCLIPEmbedder, _lowvram_sd2, _random_tower
+
+    cond, lowvram = _lowvram_sd2(_random_tower(blocks=24))
+    sd_model = wi.SDModel(is_sd1=False, is_sd2=True)
+    # A1111's FrozenOpenCLIPEmbedderWithCustomWords holds the cond stage model as .wrapped
+    sd_model.cond_stage_model = SimpleNamespace(wrapped=cond)
+    sd_model.sd_checkpoint_info = SimpleNamespace(hash="abc123")
+    assert isinstance(cond, FrozenOpenCLIPEmbedder)
+    host = Host("a1111", SimpleNamespace(), SimpleNamespace(), "meta", Path(), Path(), True)
+    factory, checkpoint = OMSController(host)._borrowed_encoder(Settings(), "sd2", sd_model)
+    encoder = factory()
+    encoder.to(device="meta")
+    assert checkpoint == "abc123"
+    assert encoder(["a dark room"]).device.type == "meta" and lowvram.module_in_gpu is cond
+
+
+@pytest.mark.parametrize("low_vram", [False, True])
+def test_forge_sd2_encoder_sends_ids_where_forge_runs_text_encoders(forge_backend, low_vram):
+    forge_backend.low_vram = low_vram
+    encoder = forge.sd2_text_encoder(_forge_sd2())
+    assert encoder.compute_device() == forge_backend.text_encoder_device()

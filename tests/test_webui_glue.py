@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from oms_ext import load_oms, oms_start
-from oms_ext.webui import glue
+from oms_ext.prompt_syntax import WeightedPrompt
+from oms_ext.webui import a1111, glue
 from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
@@ -49,6 +50,9 @@ def make_run(models_dir: Path, version: str, *, args=None, sgm=False, **p_kwargs
         before_every_sampling=version != "1.6",
         log=log.append,
         cache=CACHE,
+        prompt_syntax=a1111.WebUIPromptSyntax(
+            wi.prompt_parser_module(), wi.extra_networks_module(), opts
+        ),
     )
     script_args = args if args is not None else [True, "", "", 2.0, "oms_tiny"]
     p_kwargs.setdefault("sampler_factory", lambda: wi.KDiffusionSampler(opts=opts))
@@ -57,11 +61,13 @@ def make_run(models_dir: Path, version: str, *, args=None, sgm=False, **p_kwargs
     return p, log
 
 
-def expected_vp_start(model, p, batch: int, cfg: float = 2.0) -> torch.Tensor:
-    """Eq. 20 with s = 0 from the batch's own seeded noise, computed directly."""
+def expected_vp_start(model, p, batch: int, cfg: float = 2.0, prompts=None) -> torch.Tensor:
+    """Eq. 20 with s = 0 from the batch's own seeded noise, computed directly; ``prompts``:
+    the OMS texts (default: the batch's prompts as they are)."""
     sampler = p.samplers[batch]
     seeds = p.all_seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
-    prompts = p.all_prompts[batch * p.batch_size : (batch + 1) * p.batch_size]
+    if prompts is None:
+        prompts = p.all_prompts[batch * p.batch_size : (batch + 1) * p.batch_size]
     x_S = wi.ImageRNG((4, p.height // 8, p.width // 8), seeds).first()
     x0 = model.predict_x0(x_S, prompts, cfg, [""] * len(prompts))
     return oms_start(x0, x_S, wi.start_alpha_bar_of(sampler, p.steps))
@@ -261,6 +267,49 @@ def test_xyz_cells_with_oms_off_carry_no_oms_keys_of_an_earlier_cell(models_dir,
     assert on.infotexts[0][ENABLED_KEY] == "True" and on.infotexts[0]["OMS CFG"] == 3.0
     assert not [k for k in off.infotexts[0] if k.startswith("OMS")]
     assert on_again.infotexts[0][ENABLED_KEY] == "True" and "OMS CFG" not in on_again.infotexts[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    ("steps", "second_order", "oms_text"),
+    [(4, False, "night street"), (20, False, "day street"), (4, True, "day street")],
+)
+def test_oms_reads_the_prompt_the_webui_uses_at_the_first_step(
+    models_dir, tiny_model, version, steps, second_order, oms_text
+):
+    p, log = make_run(
+        models_dir,
+        version,
+        prompt="[day:night:0.2] street",
+        steps=steps,
+        second_order_sampler=second_order,  # counts 2 x steps: int(0.2 * 8) = 1
+        batch_size=1,
+    )
+    wi.process_images(p)
+    expected = expected_vp_start(tiny_model, p, 0, prompts=[oms_text])
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert f'OMS prompt "{oms_text}"' in next(line for line in log if "applied" in line)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_typed_oms_prompt_is_read_with_its_weights_and_without_tags(
+    models_dir, tiny_model, version
+):
+    args = [True, "(dark:1.3) night <lora:x:0.8>", "", 2.0, "oms_tiny"]
+    p, _ = make_run(models_dir, version, args=args, batch_size=1)
+    wi.process_images(p)
+    weighted = WeightedPrompt((("dark", 1.3), (" night ", 1.0)))
+    expected = expected_vp_start(tiny_model, p, 0, prompts=[weighted])
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_prompt_longer_than_75_tokens_is_reported_as_cut(models_dir):
+    p, log = make_run(models_dir, "1.10", prompt=" ".join(["dark"] * 80), batch_size=1)
+    wi.process_images(p)
+    assert p.infotexts[0][NOTE_KEY] == "OMS read the first 75 tokens of its prompt (80 in all)"
+    assert any("first 75 tokens" in line for line in log)
 
 
 def test_api_dict_argument_is_accepted(models_dir, tiny_model):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from oms_ext.prompt_syntax import PlainSyntax, TextRules
 from oms_ext.spaces import SamplerStart, UnsupportedModelError
 from oms_ext.webui import a1111
 from oms_ext.webui.args import SKIPPED_KEY, OMSArgs
@@ -327,6 +328,7 @@ def _inputs(**kwargs) -> BatchInputs:
         noise=torch.randn(1, 4, 8, 8),
         start=SamplerStart.from_sigmas([14.6146, 0.0]),
         prompts=["a cat"],
+        text_rules=TextRules(PlainSyntax(), 20),
         seeds=ImageSeeds([1]),
         family="sd1",
     )
@@ -344,6 +346,9 @@ class _ConstModel:
 
     def predict_x0(self, x_S, prompts, cfg, negatives):
         return torch.full_like(x_S, self.value)
+
+    def count_tokens(self, prompts):
+        return [len(str(p).split()) for p in prompts]
 
 
 def test_nan_output_in_float32_skips_oms_for_the_batch():

@@ -1,5 +1,6 @@
 """The thin script, imported against stand-ins of the WebUI modules it uses (A1111 1.10.1
-names: modules.scripts/shared/devices/paths/script_callbacks, gradio), and run end to end
+names: modules.scripts/shared/devices/paths/script_callbacks/prompt_parser/extra_networks,
+gradio), and run end to end
 through the stand-in txt2img loop."""
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def script_module(monkeypatch, tmp_path):
             cmd_opts=SimpleNamespace(),
             OptionInfo=dict,
         ),
-        "devices": SimpleNamespace(device=torch.device("cpu")),
+        "devices": SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32),
+        "prompt_parser": wi.prompt_parser_module(),
+        "extra_networks": wi.extra_networks_module(),
         "paths": SimpleNamespace(models_path=str(tmp_path)),
         "script_callbacks": SimpleNamespace(
             **{

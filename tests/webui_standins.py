@@ -16,11 +16,12 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
 
+from oms_ext.prompt_syntax import PlainSyntax
 from oms_ext.schedules import karras_sigmas, sd_alphas_cumprod
 
 
@@ -258,6 +259,7 @@ class Txt2Img:
     seed_resize_from_h: int = 0
     seed_resize_from_w: int = 0
     steps: int = 4
+    second_order_sampler: bool = False
     batch_size: int = 2
     n_iter: int = 1
     width: int = 64
@@ -310,8 +312,9 @@ def process_images(p: Txt2Img) -> None:
     """``modules.processing.process_images_inner`` (A1111 1.6-1.10.1, Forge): seeds as the WebUI
     assigns them (``all_seeds[i] = seed + i`` unless a variation strength is set, then every
     image shares the seed and ``all_subseeds[i] = subseed + i`` varies), then per batch the
-    prompt/seed slices, a new ``p.rng``, before_process_batch, process_batch, sample,
-    postprocess_batch, and the batch's infotext from ``extra_generation_params``."""
+    prompt/seed slices, a new ``p.rng``, before_process_batch, process_batch, the step count
+    of ``setup_conds``, sample, postprocess_batch, and the batch's infotext from
+    ``extra_generation_params``."""
     p.all_prompts = (
         [p.prompt] * (p.batch_size * p.n_iter) if isinstance(p.prompt, str) else p.prompt
     )
@@ -336,6 +339,9 @@ def process_images(p: Txt2Img) -> None:
         p.rngs.append(p.rng)
         p.scripts.before_process_batch(p)
         p.scripts.process_batch(p)
+        # setup_conds: prompt editing counts the sampler's total steps (second-order
+        # samplers such as Heun and DPM2 take two model calls a step: SamplerData.total_steps)
+        p.firstpass_steps = p.steps * (2 if p.second_order_sampler else 1)
         samples = p.sample()
         p.scripts.postprocess_batch(p, samples)
         p.infotexts.append(dict(p.extra_generation_params))
@@ -430,3 +436,200 @@ def run_xyz_cells(p: Txt2Img, cells: list[dict[str, Any]]) -> list[Txt2Img]:
         process_images(pc)
         done.append(pc)
     return done
+
+
+# --- Forge's memory manager -------------------------------------------------------------------
+
+
+class ForgeModelPatcher:
+    """Forge f2.0.1 ``backend.patcher.base.ModelPatcher``: a module with the device it is
+    loaded to and the one it is offloaded to."""
+
+    def __init__(self, model, load_device, offload_device, size=0, current_device=None):
+        self.model = model
+        self.load_device = torch.device(load_device)
+        self.offload_device = torch.device(offload_device)
+        self.current_device = torch.device(current_device or offload_device)
+
+    def is_clone(self, other: Any) -> bool:
+        return getattr(other, "model", None) is self.model
+
+
+class ForgeMemoryManagement:
+    """The rules of Forge f2.0.1 ``backend.memory_management`` the extension relies on.
+
+    ``load_models_gpu`` moves each patcher's model to its ``load_device`` unless it is loaded
+    already and keeps it in ``current_loaded_models`` (most recent first); ``free_memory`` and
+    ``unload_all_models`` send every loaded model but the ones kept to its ``offload_device``;
+    ``unload_model_clones`` forgets a model without moving it. ``text_encoder_device`` is the
+    CPU in low-VRAM modes (``vram_state`` LOW/NO_VRAM), else the GPU; ``should_use_fp16`` is
+    false on the CPU. ``device`` stands for the GPU.
+    """
+
+    def __init__(self, device: str = "cpu", *, low_vram: bool = False, fp16: bool = True):
+        self.device = torch.device(device)
+        self.low_vram = low_vram
+        self.fp16 = fp16
+        self.current_loaded_models: list[ForgeModelPatcher] = []
+
+    def get_torch_device(self) -> torch.device:
+        return self.device
+
+    def text_encoder_device(self) -> torch.device:
+        return torch.device("cpu") if self.low_vram else self.device
+
+    def should_use_fp16(self, device=None, **_: Any) -> bool:
+        return self.fp16 and (device is None or torch.device(device).type != "cpu")
+
+    def should_use_bf16(self, device=None, **_: Any) -> bool:
+        return False
+
+    def load_models_gpu(self, models, memory_required=0, hard_memory_preservation=0) -> None:
+        for patcher in models:
+            if patcher in self.current_loaded_models:
+                self.current_loaded_models.remove(patcher)
+            else:
+                patcher.model.to(patcher.load_device)
+                patcher.current_device = patcher.load_device
+            self.current_loaded_models.insert(0, patcher)
+
+    def unload_model_clones(self, model) -> None:
+        self.current_loaded_models = [
+            m for m in self.current_loaded_models if not model.is_clone(m)
+        ]
+
+    def free_memory(self, memory_required, device, keep_loaded=(), free_all=False) -> None:
+        for patcher in list(self.current_loaded_models):
+            if patcher not in keep_loaded:
+                patcher.model.to(patcher.offload_device)
+                patcher.current_device = patcher.offload_device
+                self.current_loaded_models.remove(patcher)
+
+    def unload_all_models(self) -> None:
+        self.free_memory(1e30, self.device, free_all=True)
+
+    def install(self, monkeypatch: Any) -> None:
+        """Register this manager as ``backend.memory_management`` (and the patcher class as
+        ``backend.patcher.base``) in ``sys.modules`` for the test."""
+        import sys
+
+        mm = ModuleType("backend.memory_management")
+        for name in (
+            "get_torch_device",
+            "text_encoder_device",
+            "should_use_fp16",
+            "should_use_bf16",
+            "load_models_gpu",
+            "unload_model_clones",
+            "free_memory",
+            "unload_all_models",
+        ):
+            setattr(mm, name, getattr(self, name))
+        mm.current_loaded_models = self.current_loaded_models
+        base = ModuleType("backend.patcher.base")
+        base.ModelPatcher = ForgeModelPatcher
+        modules = {
+            "backend": ModuleType("backend"),
+            "backend.patcher": ModuleType("backend.patcher"),
+            "backend.memory_management": mm,
+            "backend.patcher.base": base,
+        }
+        for name, module in modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+
+
+# --- the WebUI's prompt handling ------------------------------------------------------------
+
+
+def prompt_parser_module() -> SimpleNamespace:
+    """``modules.prompt_parser`` of A1111 1.10.1 / Forge: the three functions the extension
+    calls, returning the WebUI's data shapes (a schedule per prompt as ``[[end_step, text],
+    ...]``; ``(indexes, flat prompts, prompt indexes)`` for ``AND``; ``[[text, weight], ...]``
+    for emphasis). The rules behind them are oms_ext's :class:`PlainSyntax`, which the opt-in
+    test in tests/test_prompt_syntax.py checks against the WebUI's own parser."""
+
+    def get_learned_conditioning_prompt_schedules(
+        prompts, base_steps, hires_steps=None, use_old_scheduling=False
+    ):
+        syntax = PlainSyntax(use_old_scheduling)
+        return [[[base_steps, syntax.first_step_text(p, base_steps)]] for p in prompts]
+
+    def get_multicond_prompt_list(prompts):
+        flat, index_of, res = [], {}, []
+        for prompt in prompts:
+            entry = []
+            for text, weight in PlainSyntax().composable_parts(prompt):
+                if text not in index_of:
+                    index_of[text] = len(flat)
+                    flat.append(text)
+                entry.append((index_of[text], weight))
+            res.append(entry)
+        return res, flat, index_of
+
+    def parse_prompt_attention(text):
+        return [[run, weight] for run, weight in PlainSyntax().attention(text)]
+
+    return SimpleNamespace(
+        get_learned_conditioning_prompt_schedules=get_learned_conditioning_prompt_schedules,
+        get_multicond_prompt_list=get_multicond_prompt_list,
+        parse_prompt_attention=parse_prompt_attention,
+    )
+
+
+def extra_networks_module() -> SimpleNamespace:
+    """``modules.extra_networks`` (A1111 1.10.1 / Forge): ``parse_prompt`` returns the prompt
+    without ``<kind:args>`` tags and the tags found."""
+
+    def parse_prompt(prompt):
+        found: dict[str, list[str]] = {}
+
+        def take(match):
+            found.setdefault(match.group(1), []).append(match.group(2))
+            return ""
+
+        return re.sub(r"<(\w+):([^>]+)>", take, prompt), found
+
+    return SimpleNamespace(parse_prompt=parse_prompt)
+
+
+# --- A1111's low-VRAM hooks -------------------------------------------------------------------
+
+
+class A1111LowVram:
+    """A1111 1.10.1 ``modules/lowvram.py`` (``--medvram``/``--lowvram``) for an SD2.x
+    checkpoint. ``setup_for_low_vram`` leaves the text tower on the CPU and registers
+    ``send_me_to_gpu`` as forward pre-hook on ``cond_stage_model.model`` and on its
+    ``token_embedding`` (both with the cond stage model as "parent"); the hook moves the parent
+    to ``devices.device`` and the module there before to the CPU. ``load_model`` registers
+    these hooks before ``sd_hijack`` wraps the token embedding (``EmbeddingsWithFixes``), so
+    the hooks sit on the original embedding. The cond cache (``p.cached_c``) means a re-roll of
+    the same prompt never calls the tower, so it is still on the CPU when sampling starts.
+
+    ``device`` stands for the GPU (meta: no GPU here). A module called with inputs on another
+    device than its weights fails on a real GPU; the hook checks that, as torch would there.
+    """
+
+    def __init__(self, device: str = "meta") -> None:
+        self.device = torch.device(device)
+        self.module_in_gpu: torch.nn.Module | None = None
+
+    def setup_sd2(self, cond_stage_model: torch.nn.Module) -> None:
+        tower = cond_stage_model.model
+        parents = {tower: cond_stage_model, tower.token_embedding: cond_stage_model}
+
+        def send_me_to_gpu(module, inputs):
+            parent = parents.get(module, module)
+            if self.module_in_gpu is not parent:
+                if self.module_in_gpu is not None:
+                    self.module_in_gpu.to("cpu")
+                parent.to(self.device)
+                self.module_in_gpu = parent
+            for value in inputs:
+                if isinstance(value, torch.Tensor) and value.device != self.device:
+                    raise RuntimeError(
+                        "Expected all tensors to be on the same device, but found at least two "
+                        f"devices, {self.device} and {value.device}!"
+                    )
+
+        tower.register_forward_pre_hook(send_me_to_gpu)
+        tower.token_embedding.register_forward_pre_hook(send_me_to_gpu)

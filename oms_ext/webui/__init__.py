@@ -10,7 +10,6 @@ The WebUI script (``scripts/one_more_step.py``) passes the WebUI's objects (``p`
 from oms_ext.webui.args import FIELDS, OMSArgs, OMSArgsError, args_from_infotext
 from oms_ext.webui.cache import MODEL_CACHE, CacheKey, ModelCache
 from oms_ext.webui.download import DownloadError, download_files
-from oms_ext.webui.prompts import strip_webui_syntax
 from oms_ext.webui.provider import ModelRequest, Settings, provide_model
 from oms_ext.webui.registry import KNOWN_MODULES, module_choices, resolve_module, scan_modules
 from oms_ext.webui.runner import BatchInputs, Outcome, run_oms
@@ -35,5 +34,4 @@ __all__ = [
     "resolve_module",
     "run_oms",
     "scan_modules",
-    "strip_webui_syntax",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from oms_ext.prompt_syntax import EMPHASIS_MODES, PromptSyntax, TextRules
 from oms_ext.webui.runner import BatchInputs, ImageSeeds
 from oms_ext.webui.samplers import sampler_start
 
@@ -46,17 +47,61 @@ def pass_note(p: Any) -> str | None:
     return HIRES_NOTE if getattr(p, "is_hr_pass", False) else None
 
 
-def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
+class WebUIPromptSyntax:
+    """The WebUI's own prompt handling as a :class:`~oms_ext.prompt_syntax.PromptSyntax`:
+    ``prompt_parser`` and ``extra_networks`` are its ``modules.prompt_parser`` and
+    ``modules.extra_networks`` (the same in A1111 1.6-1.10.1 and every Forge), ``opts`` its
+    ``shared.opts`` (read at each call: "use old prompt editing timelines")."""
+
+    def __init__(self, prompt_parser: Any, extra_networks: Any, opts: Any) -> None:
+        self.prompt_parser = prompt_parser
+        self.extra_networks = extra_networks
+        self.opts = opts
+
+    def strip_extra_networks(self, prompt: str) -> str:
+        return self.extra_networks.parse_prompt(prompt)[0]
+
+    def composable_parts(self, prompt: str) -> list[tuple[str, float]]:
+        indexes, flat, _ = self.prompt_parser.get_multicond_prompt_list([prompt])
+        return [(flat[i], float(weight)) for i, weight in indexes[0]]
+
+    def first_step_text(self, prompt: str, steps: int) -> str:
+        old = bool(getattr(self.opts, "use_old_scheduling", False))
+        schedule = self.prompt_parser.get_learned_conditioning_prompt_schedules(
+            [prompt], steps, None, old
+        )[0]
+        return schedule[0][1]  # [[end_at_step, text], ...]: the first entry is step one's
+
+    def attention(self, text: str) -> list[tuple[str, float]]:
+        runs = self.prompt_parser.parse_prompt_attention(text)
+        return [(run, float(weight)) for run, weight in runs]
+
+
+def text_rules(p: Any, opts: Any, syntax: PromptSyntax) -> TextRules:
+    """How this WebUI reads the batch's prompts: the first pass's step count as prompt
+    editing counts it (``p.firstpass_steps``, which doubles the steps of second-order
+    samplers) and the emphasis mode (``opts.emphasis``; A1111 1.6 has ``enable_emphasis``)."""
+    steps = int(getattr(p, "firstpass_steps", 0) or p.steps)
+    emphasis = getattr(opts, "emphasis", None)
+    if emphasis is None:
+        emphasis = "Original" if getattr(opts, "enable_emphasis", True) else "None"
+    return TextRules(syntax, steps, emphasis if emphasis in EMPHASIS_MODES else "Original")
+
+
+def batch_inputs(
+    p: Any, x: torch.Tensor, opts: Any, sd_model: Any, syntax: PromptSyntax
+) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
     family = model_family(sd_model)
-    return collect_batch_inputs(p, x, opts, family=family, is_flow=family == "sd3")
+    return collect_batch_inputs(p, x, opts, syntax, family=family, is_flow=family == "sd3")
 
 
 def collect_batch_inputs(
-    p: Any, x: torch.Tensor, opts: Any, *, family: str, is_flow: bool
+    p: Any, x: torch.Tensor, opts: Any, syntax: PromptSyntax, *, family: str, is_flow: bool
 ) -> BatchInputs:
     """The host-independent part of both adapters: the pass note, the sampler's start (only
-    for a first pass of a 4-channel, non-flow model) and one prompt and seed per image."""
+    for a first pass of a 4-channel, non-flow model), one prompt and seed per image and the
+    rules the prompts are read by."""
     note = pass_note(p)
     start = None
     if note is None and not is_flow and x.shape[1] == 4:
@@ -70,6 +115,7 @@ def collect_batch_inputs(
         noise=x,
         start=start,
         prompts=list(p.prompts)[:count],
+        text_rules=text_rules(p, opts, syntax),
         seeds=image_seeds(p, count),
         family=family,
         is_flow=is_flow,

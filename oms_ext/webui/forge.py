@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
-from oms_ext.text import SD2_OMS_LAYERS, PromptEncoder, wrap_transformers_clip
+from oms_ext.prompt_syntax import PromptSyntax
+from oms_ext.text import SD2_OMS_LAYERS, Prompt, PromptEncoder, wrap_transformers_clip
 from oms_ext.webui.a1111 import collect_batch_inputs
 from oms_ext.webui.a1111 import model_family as _flag_family
 from oms_ext.webui.runner import BatchInputs
@@ -67,10 +68,12 @@ def model_family(sd_model: Any) -> str:
     return family
 
 
-def batch_inputs(p: Any, x: torch.Tensor, opts: Any, sd_model: Any) -> BatchInputs:
+def batch_inputs(
+    p: Any, x: torch.Tensor, opts: Any, sd_model: Any, syntax: PromptSyntax
+) -> BatchInputs:
     """Plain values for the batch about to be sampled; ``x`` is the unit noise."""
     return collect_batch_inputs(
-        p, x, opts, family=model_family(sd_model), is_flow=is_flow(predictor(sd_model))
+        p, x, opts, syntax, family=model_family(sd_model), is_flow=is_flow(predictor(sd_model))
     )
 
 
@@ -109,9 +112,12 @@ class _ManagedEncoder(PromptEncoder):
         self.device, self.dtype = self.inner.device, self.inner.dtype
         return self
 
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         _memory_module().load_models_gpu([self.patcher])
         return self.inner(prompts)
+
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        return self.inner.count_tokens(prompts)
 
 
 def _sd21_tokenizer(candidate: Any) -> Any:
@@ -141,9 +147,20 @@ def sd2_text_encoder(sd_model: Any) -> PromptEncoder | None:
     if config is None or config.num_hidden_layers < SD2_OMS_LAYERS:
         return None
     tokenizer = _sd21_tokenizer(getattr(getattr(clip, "tokenizer", None), "clip_h", None))
-    inner = wrap_transformers_clip(transformer, tokenizer, num_layers=SD2_OMS_LAYERS)
+    inner = wrap_transformers_clip(
+        transformer, tokenizer, num_layers=SD2_OMS_LAYERS, compute_device=text_encoder_device
+    )
     patcher = getattr(clip, "patcher", None)
     return inner if patcher is None else _ManagedEncoder(inner, patcher)
+
+
+def text_encoder_device() -> torch.device:
+    """Where Forge runs its text encoders and sends their token ids
+    (``backend.memory_management.text_encoder_device``, as its ``classic_engine`` does): the
+    CPU in low-VRAM modes, where the weights are cast to the input's device on the fly."""
+    mm = _memory_module()
+    pick = getattr(mm, "text_encoder_device", None) or mm.get_torch_device
+    return torch.device(pick())
 
 
 def _memory_module() -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
+from oms_ext.prompt_syntax import PlainSyntax, PromptSyntax
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.args import (
@@ -66,7 +67,8 @@ class Host:
     ``extension_dir``: this extension's folder. ``before_every_sampling``: whether the WebUI
     calls ``process_before_every_sampling`` (A1111 >= 1.10, Forge). ``log``: console output.
     ``webui_dtype``: the precision the WebUI runs its own models in on a device (None: fp16
-    on GPUs).
+    on GPUs). ``prompt_syntax``: the WebUI's prompt parser (:class:`a1111.WebUIPromptSyntax`);
+    this package's own implementation of its rules when absent.
     """
 
     kind: str
@@ -80,6 +82,7 @@ class Host:
     cache: ModelCache = MODEL_CACHE
     forge_memory: forge.ForgeMemory | None = field(default=None)
     webui_dtype: Callable[[torch.device], torch.dtype] | None = None
+    prompt_syntax: PromptSyntax = field(default_factory=PlainSyntax)
 
 
 class OMSController:
@@ -187,7 +190,9 @@ class OMSController:
             return Outcome(None)  # already applied to this batch: OMS runs once per batch
         sd_model = p.sd_model
         try:
-            inputs = self.adapter.batch_inputs(p, x, self.host.opts, sd_model)
+            inputs = self.adapter.batch_inputs(
+                p, x, self.host.opts, sd_model, self.host.prompt_syntax
+            )
         except UnsupportedModelError as e:
             outcome = skipped(p.oms_args, e.reason)
             _record(p, outcome.infotext)
@@ -265,14 +270,20 @@ class OMSController:
             return None, ""
         from oms_ext.openclip_convert import wrap_openclip_tower
 
-        return (lambda: wrap_openclip_tower(tower)), checkpoint_id
+        # Token ids go where A1111 sends its own (devices.device): under --medvram/--lowvram
+        # its hooks move the tower there only when the embedding is called.
+        device = torch.device(self.host.device)
+        return (lambda: wrap_openclip_tower(tower, compute_device=lambda: device)), checkpoint_id
 
 
 def _record(p: Any, infotext: dict[str, Any], *, replace: bool = True) -> None:
     """Write OMS infotext entries; ``replace`` first drops the previous batch's (first pass),
-    otherwise they are added to the first pass's (hires-pass note)."""
+    otherwise they are added to the first pass's (hires-pass note; notes are joined)."""
     params = p.extra_generation_params
     if replace:
         for key in _OMS_INFOTEXT_KEYS:
             params.pop(key, None)
+    note = params.get(NOTE_KEY)
     params.update(infotext)
+    if note and NOTE_KEY in infotext and note != infotext[NOTE_KEY]:
+        params[NOTE_KEY] = f"{note}; {infotext[NOTE_KEY]}"

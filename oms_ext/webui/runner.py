@@ -19,6 +19,7 @@ import torch
 
 from oms_ext.errors import OMSUserError
 from oms_ext.loading import OMSModel
+from oms_ext.prompt_syntax import TextRules, WeightedPrompt
 from oms_ext.spaces import (
     SamplerStart,
     UnsupportedModelError,
@@ -28,8 +29,8 @@ from oms_ext.spaces import (
     start_alpha_bar,
 )
 from oms_ext.step import oms_start
+from oms_ext.text import PROMPT_TOKENS
 from oms_ext.webui.args import ALPHA_BAR_KEY, NOTE_KEY, SKIPPED_KEY, OMSArgs
-from oms_ext.webui.prompts import strip_webui_syntax
 
 #: Offset mixed into the image seed for the fresh noise z, so z never equals the seed's x_S.
 FRESH_NOISE_SALT = 0x4F4D53  # "OMS"
@@ -57,16 +58,18 @@ class BatchInputs:
     """Plain values describing one WebUI batch at the start of sampling.
 
     ``noise``: the WebUI's unit Gaussian noise x_S [B, C, H, W] (seeded, variation seeds
-    already mixed in). ``start``: where the sampler starts. ``prompts``: one per image (the
-    images' negative prompts are not used: OMS's unconditional text is the OMS negative
-    prompt, "" by default as in the authors' code). ``seeds``: the batch's seeds (for the fresh
-    noise z). ``family``: checkpoint family ("sd1", "sd2", "sdxl", ...). ``is_flow``:
-    flow-matching model. ``pass_skip``: why this pass is not OMS's to touch, or None.
+    already mixed in). ``start``: where the sampler starts. ``prompts``: one per image, as the
+    WebUI holds them (the images' negative prompts are not used: OMS's unconditional text is
+    the OMS negative prompt, "" by default as in the authors' code). ``text_rules``: how the
+    WebUI reads them. ``seeds``: the batch's seeds (for the fresh noise z). ``family``:
+    checkpoint family ("sd1", "sd2", "sdxl", ...). ``is_flow``: flow-matching model.
+    ``pass_skip``: why this pass is not OMS's to touch, or None.
     """
 
     noise: torch.Tensor
     start: SamplerStart | None
     prompts: Sequence[str]
+    text_rules: TextRules
     seeds: ImageSeeds
     family: str
     is_flow: bool = False
@@ -170,11 +173,14 @@ def fresh_noise(seeds: ImageSeeds, shape: Sequence[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def oms_prompts(args: OMSArgs, image_prompts: Sequence[str]) -> list[str]:
-    """The OMS prompt per image: the user's OMS prompt, else the image's prompt as plain text."""
-    if args.prompt.strip():
-        return [args.prompt] * len(image_prompts)
-    return [strip_webui_syntax(p) for p in image_prompts]
+def oms_prompts(
+    args: OMSArgs, image_prompts: Sequence[str], rules: TextRules
+) -> list[WeightedPrompt]:
+    """The OMS text per image: the typed OMS prompt, else the image's own prompt, each read
+    as the WebUI reads it at the first sampling step (:mod:`oms_ext.prompt_syntax`)."""
+    sources = [args.prompt] * len(image_prompts) if args.prompt.strip() else image_prompts
+    read = {text: rules.read(text) for text in dict.fromkeys(sources)}
+    return [read[text] for text in sources]
 
 
 def _check_batch(inputs: BatchInputs) -> None:
@@ -218,15 +224,21 @@ def run_oms(
     alpha_bar = start_alpha_bar(inputs.start)
     if not needs_oms(alpha_bar):
         return skipped(args, f"zero-terminal-SNR start (alpha_bar0 = {alpha_bar:.2e}) needs no OMS")
-    upcast_note = ""
+    try:
+        texts = oms_prompts(args, inputs.prompts, inputs.text_rules)
+        negative = inputs.text_rules.read(args.negative_prompt, composable=False)
+    except Exception as e:  # the WebUI's own parser raises on some malformed weights
+        return skipped(args, REASON_UNREADABLE_PROMPT, f"{type(e).__name__}: {e}")
+    notes = []
     try:
         model = load_model(False)
-        x_T = _oms_x_T(model, inputs, args, alpha_bar)
+        x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
         if not _finite(x_T) and model.dtype != torch.float32:
             half = str(model.dtype).removeprefix("torch.")
-            upcast_note = f"{half} gave NaN/inf on this device, OMS runs in float32 from now on"
+            notes.append(f"{half} gave NaN/inf on this device, OMS runs in float32 from now on")
             model = load_model(True)
-            x_T = _oms_x_T(model, inputs, args, alpha_bar)
+            x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
+        longest = max(model.count_tokens([*dict.fromkeys(texts), negative]))
     except OMSUserError as e:
         return skipped(args, e.reason, str(e))
     except (RuntimeError, MemoryError) as e:
@@ -238,18 +250,36 @@ def run_oms(
     noise = noise_for_sampler(x_T, inputs.start).to(inputs.noise.device, inputs.noise.dtype)
     info = args.infotext()
     info[ALPHA_BAR_KEY] = f"{alpha_bar:.6g}"
-    where = _describe_start(inputs.start)
-    message = f"[OMS] One More Step applied: {where}, alpha_bar0 = {alpha_bar:.6g}"
-    return Outcome(noise, info, f"{message} ({upcast_note})" if upcast_note else message)
+    if longest > PROMPT_TOKENS:
+        cut = f"OMS read the first {PROMPT_TOKENS} tokens of its prompt ({longest} in all)"
+        info[NOTE_KEY] = cut
+        notes.append(cut)
+    shown = ", ".join(f'"{text}"' for text in dict.fromkeys(str(t) for t in texts))
+    message = (
+        f"[OMS] One More Step applied: {_describe_start(inputs.start)}, alpha_bar0 = "
+        f"{alpha_bar:.6g}, OMS prompt {shown}"
+    )
+    return Outcome(noise, info, "; ".join([message, *notes]))
 
 
-def _oms_x_T(model: OMSModel, inputs: BatchInputs, args: OMSArgs, alpha_bar: float) -> torch.Tensor:
+#: Why OMS skips a prompt the WebUI's parser cannot read.
+REASON_UNREADABLE_PROMPT = (
+    "the OMS prompt could not be read (WebUI prompt syntax); check its brackets and weights"
+)
+
+
+def _oms_x_T(
+    model: OMSModel,
+    inputs: BatchInputs,
+    args: OMSArgs,
+    alpha_bar: float,
+    texts: Sequence[WeightedPrompt],
+    negative: WeightedPrompt,
+) -> torch.Tensor:
     """x_T in VP space (Eq. 20) from x0_hat = -psi_cfg(x_S, C) (Eq. 21), in float32 on CPU
     or the model's device."""
     x_S = inputs.noise.float()
-    prompts = oms_prompts(args, inputs.prompts)
-    negatives = [args.negative_prompt] * len(prompts)
-    x0_hat = model.predict_x0(x_S.to(model.device), prompts, args.cfg, negatives).float()
+    x0_hat = model.predict_x0(x_S.to(model.device), texts, args.cfg, negative).float()
     if args.fresh_noise:
         s = math.sqrt(1.0 - alpha_bar)
         z = fresh_noise(inputs.seeds, x_S.shape[1:]).to(x0_hat.device)
