@@ -76,7 +76,8 @@ class PromptEncoderLike(Protocol):
 
     ``enc(prompts)`` returns the text states [B, 77, hidden_size] (last hidden state after the
     final LayerNorm, emphasis applied) on the encoder's own device and dtype;
-    ``enc.count_tokens(prompts)`` the tokens of each prompt before the cut to 75.
+    ``enc.count_tokens(prompts)`` the tokens of each prompt before the cut to 75;
+    ``enc.owned_modules()`` the modules whose weights it owns (none when borrowed).
     """
 
     hidden_size: int
@@ -84,6 +85,8 @@ class PromptEncoderLike(Protocol):
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor: ...
 
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]: ...
+
+    def owned_modules(self) -> list[torch.nn.Module]: ...
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -95,6 +98,8 @@ class OMSModel:
 
     ``unet(x, context)`` is the raw module (v prediction at SNR = 0, VP space);
     :meth:`predict_x0` runs the guided prediction ``x0_hat = -psi_cfg(x_S, C)`` (Eq. 21).
+    ``text_device``: where an owned text encoder stays whatever :meth:`to` does (e.g. the CPU,
+    to keep it out of VRAM: text states are small and cached); None = with the module.
     """
 
     def __init__(
@@ -105,12 +110,14 @@ class OMSModel:
         source: Path,
         *,
         owns_text_encoder: bool,
+        text_device: torch.device | str | None = None,
     ) -> None:
         self.unet = unet
         self.text_encoder = text_encoder
         self.config = dict(config)
         self.source = source
         self.owns_text_encoder = owns_text_encoder
+        self.text_device = torch.device(text_device) if text_device is not None else None
         #: Text states of recent prompts (the module's device/dtype), most recent last; only
         #: for an encoder this model owns, whose weights nothing else can change.
         self.prompt_cache: OrderedDict[WeightedPrompt, torch.Tensor] = OrderedDict()
@@ -131,12 +138,25 @@ class OMSModel:
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> OMSModel:
-        """Move the module (and the text encoder if load_oms created it); returns self."""
+        """Move the module, its cached text states and the text encoder it owns (unless the
+        encoder has a ``text_device`` of its own); returns self."""
         self.unet.to(device=device, dtype=dtype)
-        if self.owns_text_encoder:
+        if self.owns_text_encoder and self.text_device is None:
             self.text_encoder.to(device=device, dtype=dtype)
-        self.prompt_cache.clear()
+        for text, states in self.prompt_cache.items():
+            self.prompt_cache[text] = states.to(self.device, self.dtype)
         return self
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this model holds, by part: "module" (psi's weights and buffers),
+        "text_encoder" (weights and buffers of an encoder it owns; a borrowed one belongs to
+        the WebUI) and "text_states" (the cached states of recent prompts)."""
+        owned = self.text_encoder.owned_modules() if self.owns_text_encoder else []
+        return {
+            "module": [*self.unet.parameters(), *self.unet.buffers()],
+            "text_encoder": [t for m in owned for t in (*m.parameters(), *m.buffers())],
+            "text_states": list(self.prompt_cache.values()),
+        }
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[Prompt]) -> torch.Tensor:
@@ -245,6 +265,8 @@ def load_oms(
     text_encoder: PromptEncoderLike | None = None,
     *,
     owns_text_encoder: bool = False,
+    text_device: torch.device | str | None = None,
+    text_dtype: torch.dtype | None = None,
     **text_kwargs: Any,
 ) -> OMSModel:
     """Load an OMS module folder (released layout) or single ``.safetensors`` file.
@@ -254,7 +276,9 @@ def load_oms(
     ``oms_ext.text.load_prompt_encoder(root, device=..., dtype=..., **text_kwargs)``; a single
     file needs ``text_encoder`` (any :class:`PromptEncoderLike`, e.g. the SD2 checkpoint's own).
     A given ``text_encoder`` is borrowed (never moved, its outputs never cached) unless
-    ``owns_text_encoder`` says the model may treat it as its own.
+    ``owns_text_encoder`` says the model may treat it as its own. ``text_device``/
+    ``text_dtype``: where an owned encoder runs, if not with the module (see
+    :class:`OMSModel`).
     Raises :class:`OMSLoadError` for anything wrong with the files.
     """
     path = Path(path)
@@ -276,7 +300,12 @@ def load_oms(
             )
         from oms_ext.text import load_prompt_encoder
 
-        text_encoder = load_prompt_encoder(path, device=device, dtype=torch_dtype, **text_kwargs)
+        text_encoder = load_prompt_encoder(
+            path,
+            device=text_device or device,
+            dtype=text_dtype or torch_dtype,
+            **text_kwargs,
+        )
     if text_encoder.hidden_size != unet.cfg.cross_attention_dim:
         raise OMSLoadError(
             f"{path}: the module attends to {unet.cfg.cross_attention_dim}-d text states but "
@@ -286,7 +315,14 @@ def load_oms(
                 f"encoder gives {text_encoder.hidden_size}; check the module's text encoder"
             ),
         )
-    return OMSModel(unet, text_encoder, config, path, owns_text_encoder=owns)
+    return OMSModel(
+        unet,
+        text_encoder,
+        config,
+        path,
+        owns_text_encoder=owns,
+        text_device=text_device if owns else None,
+    )
 
 
 def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:

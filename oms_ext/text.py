@@ -179,6 +179,10 @@ class PromptEncoder(abc.ABC):
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
         """Tokens of each prompt before the cut to :data:`PROMPT_TOKENS`."""
 
+    def owned_modules(self) -> list[torch.nn.Module]:
+        """The modules whose weights this encoder owns (and moves); none for a borrowed one."""
+        return []
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PromptEncoder:
@@ -269,6 +273,9 @@ class ClipPromptEncoder(TokenEncoder):
             self.model.to(device=self.device, dtype=self.dtype)
         return self
 
+    def owned_modules(self) -> list[torch.nn.Module]:
+        return [self.model] if self.owns_model else []
+
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> hidden states [B, 77, hidden_size] (see the class docstring)."""
@@ -310,6 +317,9 @@ class ConcatPromptEncoder(PromptEncoder):
 
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
         return self.encoders[0].count_tokens(prompts)
+
+    def owned_modules(self) -> list[torch.nn.Module]:
+        return [m for encoder in self.encoders for m in encoder.owned_modules()]
 
 
 def wrap_transformers_clip(

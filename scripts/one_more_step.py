@@ -11,6 +11,7 @@ noise_mode]`` (missing trailing ones take the defaults), or a single named dict 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def _input_accordion():
     return InputAccordion
 
 
+@functools.cache
+def _controller() -> OMSController:
+    """The one controller of the extension (every script instance and callback uses it)."""
+    return OMSController(_make_host())
+
+
 def _make_host() -> Host:
     return Host(
         kind="forge" if IS_FORGE else "a1111",
@@ -66,10 +73,6 @@ def _make_host() -> Host:
 
 
 class OneMoreStepScript(scripts.Script):
-    def __init__(self) -> None:
-        super().__init__()
-        self.controller: OMSController | None = None
-
     def title(self) -> str:
         return TITLE
 
@@ -82,24 +85,19 @@ class OneMoreStepScript(scripts.Script):
         self.paste_field_names = [f.label for f in FIELDS]
         return built.inputs
 
-    def _control(self) -> OMSController:
-        if self.controller is None:
-            self.controller = OMSController(_make_host())
-        return self.controller
-
     def process(self, p, *args) -> None:
-        self._control().process(p, args)
+        _controller().process(p, args)
 
     def process_batch(self, p, *args, **kwargs) -> None:
-        self._control().process_batch(p)
+        _controller().process_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
         x = kwargs.get("x")
         if x is not None:
-            self._control().before_every_sampling(p, x)
+            _controller().before_every_sampling(p, x)
 
     def postprocess_batch(self, p, *args, **kwargs) -> None:
-        self._control().postprocess_batch(p)
+        _controller().postprocess_batch(p)
 
 
 def _on_ui_settings() -> None:
@@ -128,6 +126,21 @@ def _on_app_started(_demo, app) -> None:
         }
 
 
+def _on_model_loaded(sd_model) -> None:
+    _controller().on_model_loaded(sd_model)
+
+
+def _on_checkpoint_unloaded() -> None:
+    _controller().release_gpu("checkpoint unloaded to RAM")
+
+
 script_callbacks.on_ui_settings(_on_ui_settings)
 script_callbacks.on_before_ui(_on_before_ui)
 script_callbacks.on_app_started(_on_app_started)
+script_callbacks.on_model_loaded(_on_model_loaded)
+if not IS_FORGE:  # Forge unloads OMS itself: its memory manager holds it
+    from modules import sd_models
+
+    script_callbacks.on_script_unloaded(
+        a1111.run_after(sd_models, "unload_model_weights", _on_checkpoint_unloaded)
+    )

@@ -362,9 +362,19 @@ def test_borrowed_text_encoder_is_run_on_every_call() -> None:
     assert not borrowed.prompt_cache
 
 
-def test_moving_the_model_drops_cached_text_states() -> None:
+def test_moving_the_model_moves_its_cached_text_states_along() -> None:
     m = load_oms(FIXTURE)
-    m.encode(["a cat"])
+    first = m.encode(["a cat"])
+    counting = _CountingEncoder(m.text_encoder)
+    m.text_encoder = counting
     m.to(dtype=torch.bfloat16)
-    assert not m.prompt_cache
-    assert m.encode(["a cat"]).dtype == torch.bfloat16
+    again = m.encode(["a cat"])
+    assert again.dtype == torch.bfloat16 and counting.calls == []  # not encoded again
+    torch.testing.assert_close(again, first.to(torch.bfloat16))
+
+
+def test_an_encoder_with_a_device_of_its_own_stays_there_when_the_model_moves() -> None:
+    m = load_oms(FIXTURE, text_device="cpu")
+    m.to(device="meta")
+    assert m.device.type == "meta"
+    assert {t.device.type for t in m.tensors()["text_encoder"]} == {"cpu"}

@@ -163,8 +163,8 @@ def test_forge_memory_reuses_one_patcher_per_model(forge_backend):
     memory = forge.ForgeMemory()
     memory.load(model)
     memory.load(model)
-    (patcher,) = forge_backend.current_loaded_models
-    assert patcher.model.unet is model.unet
+    (loaded,) = forge_backend.current_loaded_models
+    assert loaded.model.model.unet is model.unet
 
 
 def test_a1111_sd2_encoder_is_run_on_the_webuis_device_under_lowvram():

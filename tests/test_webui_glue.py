@@ -12,7 +12,7 @@ import torch
 
 from oms_ext import load_oms, oms_start
 from oms_ext.prompt_syntax import WeightedPrompt
-from oms_ext.webui import a1111, glue
+from oms_ext.webui import a1111, forge, glue
 from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
 from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
@@ -22,6 +22,12 @@ from tests import webui_standins as wi
 VERSIONS = ("1.6", "1.10", "forge")
 #: One cache for the whole file, as in the WebUI: runs reuse the loaded module.
 CACHE = ModelCache()
+
+
+@pytest.fixture(autouse=True)
+def _forge_backend(forge_backend):
+    """Forge runs have Forge's memory manager (stand-in) as the script's host has."""
+    return forge_backend
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +56,7 @@ def make_run(models_dir: Path, version: str, *, args=None, sgm=False, **p_kwargs
         before_every_sampling=version != "1.6",
         log=log.append,
         cache=CACHE,
+        forge_memory=forge.ForgeMemory() if version == "forge" else None,
         prompt_syntax=a1111.WebUIPromptSyntax(
             wi.prompt_parser_module(), wi.extra_networks_module(), opts
         ),

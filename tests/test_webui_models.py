@@ -227,6 +227,9 @@ class _FakeModel:
         self._device = torch.device(device)
         return self
 
+    def tensors(self):
+        return {}
+
 
 def test_cache_reuses_the_model_for_the_same_key_and_replaces_it_for_another():
     cache, loads = ModelCache(), []
@@ -318,9 +321,8 @@ def test_half_precision_nan_is_remembered_per_device():
 
 def test_settings_fall_back_to_defaults_when_absent_or_invalid():
     assert Settings.from_opts(SimpleNamespace()) == Settings()
-    assert Settings.from_opts(SimpleNamespace(oms_dtype="fp8", oms_offload="always")) == Settings(
-        offload="always"
-    )
+    opts = SimpleNamespace(oms_dtype="fp8", oms_gpu_memory="keep on GPU between generations")
+    assert Settings.from_opts(opts) == Settings(gpu_memory="keep on GPU between generations")
 
 
 def _inputs(**kwargs) -> BatchInputs:

@@ -48,12 +48,20 @@ def script_module(monkeypatch, tmp_path):
         ),
         "devices": SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32),
         "prompt_parser": wi.prompt_parser_module(),
+        # modules.sd_models.unload_model_weights: "Unload SD checkpoint to RAM"
+        "sd_models": SimpleNamespace(unload_model_weights=lambda sd_model=None, info=None: None),
         "extra_networks": wi.extra_networks_module(),
         "paths": SimpleNamespace(models_path=str(tmp_path)),
         "script_callbacks": SimpleNamespace(
             **{
                 name: (lambda fn, name=name: callbacks.setdefault(name, []).append(fn))
-                for name in ("on_ui_settings", "on_before_ui", "on_app_started")
+                for name in (
+                    "on_ui_settings",
+                    "on_before_ui",
+                    "on_app_started",
+                    "on_model_loaded",
+                    "on_script_unloaded",
+                )
             }
         ),
     }
@@ -77,6 +85,8 @@ def test_script_registers_settings_xyz_and_api_callbacks_once(script_module):
         "on_ui_settings": 1,
         "on_before_ui": 1,
         "on_app_started": 1,
+        "on_model_loaded": 1,
+        "on_script_unloaded": 1,
     }
 
 
@@ -124,3 +134,24 @@ def test_api_schema_documents_the_positional_order(script_module):
         "noise_mode",
     ]
     assert routes["/oms/v1/version"]()["version"]
+
+
+@pytest.fixture
+def released(script_module, monkeypatch):
+    calls = []
+    controller = script_module._controller()
+    monkeypatch.setattr(controller, "release_gpu", lambda why: calls.append("release"))
+    return calls
+
+
+def test_unloading_the_checkpoint_to_ram_also_takes_oms_off_the_gpu(script_module, released):
+    sys.modules["modules.sd_models"].unload_model_weights()
+    assert released == ["release"]
+    script_module.callbacks["on_script_unloaded"][0]()  # the undo restores the WebUI's function
+    sys.modules["modules.sd_models"].unload_model_weights()
+    assert released == ["release"]
+
+
+def test_loading_another_checkpoint_takes_oms_off_the_gpu(script_module, released):
+    script_module.callbacks["on_model_loaded"][0](wi.SDModel())
+    assert released == ["release"]

@@ -455,22 +455,40 @@ class ForgeModelPatcher:
         return getattr(other, "model", None) is self.model
 
 
+class ForgeLoadedModel:
+    """Forge f2.0.1 ``backend.memory_management.LoadedModel``: an entry of
+    ``current_loaded_models``; ``model`` is the patcher, equal entries share it."""
+
+    def __init__(self, patcher: ForgeModelPatcher) -> None:
+        self.model = patcher
+        self.device = patcher.load_device
+
+    def model_unload(self, avoid_model_moving: bool = False) -> None:
+        if not avoid_model_moving:
+            self.model.model.to(self.model.offload_device)
+            self.model.current_device = self.model.offload_device
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ForgeLoadedModel) and self.model is other.model
+
+
 class ForgeMemoryManagement:
     """The rules of Forge f2.0.1 ``backend.memory_management`` the extension relies on.
 
     ``load_models_gpu`` moves each patcher's model to its ``load_device`` unless it is loaded
-    already and keeps it in ``current_loaded_models`` (most recent first); ``free_memory`` and
-    ``unload_all_models`` send every loaded model but the ones kept to its ``offload_device``;
-    ``unload_model_clones`` forgets a model without moving it. ``text_encoder_device`` is the
-    CPU in low-VRAM modes (``vram_state`` LOW/NO_VRAM), else the GPU; ``should_use_fp16`` is
-    false on the CPU. ``device`` stands for the GPU.
+    already and keeps a :class:`ForgeLoadedModel` for it in ``current_loaded_models`` (most
+    recent first); ``free_memory`` and ``unload_all_models`` unload every model but the ones
+    kept (``model_unload``: to its ``offload_device``); ``unload_model_clones`` forgets a
+    model without moving it. ``text_encoder_device`` is the CPU in low-VRAM modes
+    (``vram_state`` LOW/NO_VRAM), else the GPU; ``should_use_fp16`` is false on the CPU.
+    ``device`` stands for the GPU.
     """
 
     def __init__(self, device: str = "cpu", *, low_vram: bool = False, fp16: bool = True):
         self.device = torch.device(device)
         self.low_vram = low_vram
         self.fp16 = fp16
-        self.current_loaded_models: list[ForgeModelPatcher] = []
+        self.current_loaded_models: list[ForgeLoadedModel] = []
 
     def get_torch_device(self) -> torch.device:
         return self.device
@@ -486,27 +504,32 @@ class ForgeMemoryManagement:
 
     def load_models_gpu(self, models, memory_required=0, hard_memory_preservation=0) -> None:
         for patcher in models:
-            if patcher in self.current_loaded_models:
-                self.current_loaded_models.remove(patcher)
+            loaded = ForgeLoadedModel(patcher)
+            if loaded in self.current_loaded_models:
+                self.current_loaded_models.remove(loaded)
             else:
+                self.unload_model_clones(patcher)
                 patcher.model.to(patcher.load_device)
                 patcher.current_device = patcher.load_device
-            self.current_loaded_models.insert(0, patcher)
+            self.current_loaded_models.insert(0, loaded)
 
     def unload_model_clones(self, model) -> None:
-        self.current_loaded_models = [
-            m for m in self.current_loaded_models if not model.is_clone(m)
-        ]
+        for loaded in [m for m in self.current_loaded_models if model.is_clone(m.model)]:
+            self.current_loaded_models.remove(loaded)
+            loaded.model_unload(avoid_model_moving=True)
 
     def free_memory(self, memory_required, device, keep_loaded=(), free_all=False) -> None:
-        for patcher in list(self.current_loaded_models):
-            if patcher not in keep_loaded:
-                patcher.model.to(patcher.offload_device)
-                patcher.current_device = patcher.offload_device
-                self.current_loaded_models.remove(patcher)
+        for loaded in list(self.current_loaded_models):
+            if loaded not in keep_loaded:
+                self.current_loaded_models.remove(loaded)
+                loaded.model_unload()
 
     def unload_all_models(self) -> None:
         self.free_memory(1e30, self.device, free_all=True)
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        """Whether a loaded model's patcher wraps ``module`` (for tests)."""
+        return any(loaded.model.model is module for loaded in self.current_loaded_models)
 
     def install(self, monkeypatch: Any) -> None:
         """Register this manager as ``backend.memory_management`` (and the patcher class as

@@ -16,6 +16,7 @@ Hooking, one mechanism per version so OMS runs exactly once per batch:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -175,6 +176,27 @@ def model_dtype(devices: Any, cmd_opts: Any) -> torch.dtype:
     if getattr(cmd_opts, "no_half", False) or getattr(cmd_opts, "precision", "") == "full":
         return torch.float32
     return getattr(devices, "dtype", None) or torch.float16
+
+
+def run_after(owner: Any, name: str, hook: Callable[[], None]) -> Callable[[], None]:
+    """Make ``owner.<name>(...)`` call ``hook()`` after it; returns the undo. Used for
+    ``modules.sd_models.unload_model_weights`` ("Unload SD checkpoint to RAM", also
+    ``/sdapi/v1/unload-checkpoint``), which A1111 announces through no callback."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        hook()
+        return result
+
+    setattr(owner, name, wrapped)
+
+    def undo() -> None:
+        if getattr(owner, name) is wrapped:
+            setattr(owner, name, original)
+
+    return undo
 
 
 def low_vram(cmd_opts: Any, family: str) -> bool:

@@ -45,19 +45,23 @@ class CacheKey:
     ``path``: module folder or file; ``device``/``dtype``: where it runs (strings, e.g.
     "cuda:0", "float16"; the device as :func:`canonical_device` names it); ``text_encoder``:
     where the text encoder comes from ("module" for the files the module names, or an id of a
-    borrowed checkpoint encoder).
+    borrowed checkpoint encoder); ``text_device``: where an own encoder runs ("" = beside
+    the module).
     """
 
     path: str
     device: str
     dtype: str
     text_encoder: str
+    text_device: str = ""
 
 
 class ModelCache:
-    """Holds the OMS model in use; thread-safe (the WebUI API may run jobs in threads)."""
+    """Holds the OMS model in use; thread-safe (the WebUI API may run jobs in threads).
+    ``offload_device``: where :meth:`offload` puts it (the CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload_device: torch.device | str = "cpu") -> None:
+        self.offload_device = torch.device(offload_device)
         self._lock = threading.Lock()
         self._key: CacheKey | None = None
         self._model: OMSModel | None = None
@@ -89,23 +93,56 @@ class ModelCache:
                 model.to(device=key.device)
             return model
 
-    def offload(self) -> None:
-        """Move the cached model to the CPU (no-op when empty or already there)."""
+    def offload(self) -> int:
+        """Move the cached model (module, own text encoder, cached text states) to
+        :attr:`offload_device`; returns the bytes it took off its device (0 when empty or
+        already there)."""
         with self._lock:
-            if self._model is not None and self._model.device.type != "cpu":
-                self._model.to(device="cpu")
-                _empty_device_cache()
+            model = self._model
+            if model is None or same_device(model.device, self.offload_device):
+                return 0
+            device = model.device
+            held = _bytes_on(model, device)
+            model.to(device=self.offload_device)
+            _empty_device_cache()
+            return held - _bytes_on(model, device)
 
     def clear(self) -> None:
         """Drop the cached model (e.g. when the checkpoint whose encoder it borrows goes)."""
         with self._lock:
             self._release()
 
+    def drop_borrowed_from_other_checkpoint(self, checkpoint_id: str) -> bool:
+        """Drop the cached model if it borrows the text encoder of a checkpoint other than
+        ``checkpoint_id`` (so the old checkpoint's tower is not kept alive); returns whether
+        it did."""
+        with self._lock:
+            source = self._key.text_encoder if self._key is not None else ""
+            if source.startswith("checkpoint:") and source != f"checkpoint:{checkpoint_id}":
+                self._release()
+                return True
+            return False
+
+    def held_bytes(self, device: torch.device | str) -> dict[str, int]:
+        """Bytes of the tensors the cache holds on ``device``, by part ("module",
+        "text_encoder", "text_states"; see :meth:`OMSModel.tensors`)."""
+        with self._lock:
+            parts = self._model.tensors() if self._model is not None else {}
+        return {part: _sum_bytes(tensors, device) for part, tensors in parts.items()}
+
     def _release(self) -> None:
         if self._model is not None:
             self._key, self._model = None, None
             gc.collect()
             _empty_device_cache()
+
+
+def _sum_bytes(tensors: list[torch.Tensor], device: torch.device | str) -> int:
+    return sum(t.nbytes for t in tensors if same_device(t.device, device))
+
+
+def _bytes_on(model: OMSModel, device: torch.device | str) -> int:
+    return sum(_sum_bytes(tensors, device) for tensors in model.tensors().values())
 
 
 def _empty_device_cache() -> None:

@@ -119,6 +119,9 @@ class _ManagedEncoder(PromptEncoder):
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
         return self.inner.count_tokens(prompts)
 
+    def owned_modules(self) -> list[torch.nn.Module]:
+        return []  # the checkpoint's, managed by Forge
+
 
 def _sd21_tokenizer(candidate: Any) -> Any:
     """The tokenizer OMS was trained with (SD 2.1's, pad "!"): Forge f2's own when it hands a
@@ -163,6 +166,11 @@ def text_encoder_device() -> torch.device:
     return torch.device(pick())
 
 
+def keeps_text_encoders_off_its_device() -> bool:
+    """Whether Forge runs text encoders away from its compute device (low-VRAM modes)."""
+    return text_encoder_device() != torch.device(_memory_module().get_torch_device())
+
+
 def _memory_module() -> Any:
     try:
         return importlib.import_module("backend.memory_management")
@@ -178,40 +186,61 @@ def _patcher_class() -> Any:
 
 
 class _OMSWeights(torch.nn.Module):
-    """Container registering the OMS module (and its own text encoder) with Forge."""
+    """Container registering the OMS module (and an owned text encoder that runs beside it)
+    with Forge."""
 
     def __init__(self, model: OMSModel) -> None:
         super().__init__()
         self.unet = model.unet
-        encoder_model = getattr(model.text_encoder, "model", None)
-        if model.owns_text_encoder and isinstance(encoder_model, torch.nn.Module):
-            self.text_encoder = encoder_model
+        follows = model.owns_text_encoder and model.text_device is None
+        self.text_encoders = torch.nn.ModuleList(
+            model.text_encoder.owned_modules() if follows else []
+        )
 
 
 class ForgeMemory:
-    """Loads the OMS model to the GPU through Forge's memory manager, which then offloads it
-    when other models need the room. Keeps one ModelPatcher per model so Forge recognises it
-    as already loaded."""
+    """Loads the OMS model to the GPU through Forge's memory manager, which offloads it when
+    other models need the room, and unloads it through the manager when OMS lets go of the
+    GPU (:meth:`release`). Keeps one ModelPatcher per model so Forge recognises it as loaded.
+    ``offload_device``: where Forge unloads it to (the CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload_device: torch.device | str = "cpu") -> None:
+        self.offload_device = torch.device(offload_device)
         self._model: OMSModel | None = None
         self._patcher: Any = None
-
-    def device(self) -> torch.device:
-        """Forge's compute device."""
-        return torch.device(_memory_module().get_torch_device())
 
     def load(self, model: OMSModel) -> None:
         """Ask Forge to put ``model`` on its compute device (freeing others as needed)."""
         mm = _memory_module()
         if self._model is not model:
+            self.release()
             self._model = model
             self._patcher = _patcher_class()(
                 _OMSWeights(model),
                 load_device=mm.get_torch_device(),
-                offload_device=torch.device("cpu"),
+                offload_device=self.offload_device,
             )
         mm.load_models_gpu([self._patcher])
         # Forge may leave plain torch layers on the CPU when it "swaps" a model in low VRAM;
         # the OMS module is small, so finish the move instead of computing across devices.
         model.to(device=mm.get_torch_device())
+
+    def release(self) -> bool:
+        """Unload the OMS model as Forge unloads its own: taken out of the manager's loaded
+        models and moved to its offload device (``LoadedModel.model_unload``). Returns
+        whether the manager held it."""
+        if self._patcher is None:
+            return False
+        mm = _memory_module()
+        held = [loaded for loaded in mm.current_loaded_models if loaded.model is self._patcher]
+        for loaded in held:
+            mm.current_loaded_models.remove(loaded)
+            loaded.model_unload()
+        if self._model is not None:
+            self._model.to(device=self.offload_device)
+        return bool(held)
+
+    def forget(self) -> None:
+        """Release the model and drop the references to it (the cache dropped it)."""
+        self.release()
+        self._model, self._patcher = None, None

@@ -41,9 +41,10 @@ from oms_ext.webui.provider import (
     Settings,
     compute_device,
     compute_dtype,
+    frees_gpu_after_each_generation,
     models_folders,
     provide_model,
-    should_offload,
+    text_encoder_device,
 )
 from oms_ext.webui.registry import auto_module
 from oms_ext.webui.runner import Outcome, run_oms, skipped
@@ -120,7 +121,29 @@ class OMSController:
             args = OMSArgs()
         p.oms_args = args
         p.oms_last_batch = None
+        if not args.enabled:
+            self.release_gpu("OMS is off")  # VRAM is the user's: nothing of OMS stays there
         return args
+
+    def release_gpu(self, why: str) -> None:
+        """Take the OMS model off the GPU: through Forge's memory manager on Forge, to the
+        CPU on A1111 (reloading it from there is quick); says so in the console when it held
+        anything. ``why``: the occasion, for that line."""
+        unloaded = self.host.forge_memory is not None and self.host.forge_memory.release()
+        freed = self.host.cache.offload()
+        if unloaded:
+            self.host.log(f"[OMS] {why}: Forge's memory manager unloaded the OMS module")
+        elif freed:
+            self.host.log(f"[OMS] {why}: moved the OMS module off the GPU ({freed / 2**20:.0f} MB)")
+
+    def on_model_loaded(self, sd_model: Any) -> None:
+        """The WebUI loaded a checkpoint: OMS leaves the GPU, and a model borrowing the text
+        encoder of the previous checkpoint is dropped (its tower is never kept alive)."""
+        if self.host.cache.drop_borrowed_from_other_checkpoint(_checkpoint_id(sd_model)):
+            if self.host.forge_memory is not None:
+                self.host.forge_memory.forget()
+            self.host.log("[OMS] checkpoint changed: dropped the OMS model borrowing its encoder")
+        self.release_gpu("checkpoint changed")
 
     def process_batch(self, p: Any) -> None:
         """On WebUIs without ``process_before_every_sampling`` (A1111 < 1.10): wrap the first
@@ -215,12 +238,10 @@ class OMSController:
         outcome = run_oms(inputs, p.oms_args, load)
         if first_pass:
             p.oms_last_batch = batch
-        # Forge's memory manager offloads on its own; "always" still forces it.
-        host_low_vram = self.host.kind == "a1111" and a1111.low_vram(
-            self.host.cmd_opts, inputs.family
-        )
-        if loaded and should_offload(settings, host_low_vram):
-            self.host.cache.offload()
+        # On Forge "auto" leaves it to the memory manager, which frees models as needed.
+        a1111_low_vram = self.host.kind == "a1111" and self._a1111_low_vram(inputs.family)
+        if loaded and frees_gpu_after_each_generation(settings, a1111_low_vram):
+            self.release_gpu("after its step")
         infotext = outcome.infotext
         if outcome.applied and p.oms_args.module == AUTO_MODULE:
             # Name the module "Auto" picked, so pasting the infotext reproduces the image
@@ -238,6 +259,10 @@ class OMSController:
         webui_dtype = self.host.webui_dtype(device) if self.host.webui_dtype else None
         half_works = self.host.cache.half_precision_works(device)
         dtype = compute_dtype(settings, device, webui_dtype, half_works=half_works)
+        if self.host.kind == "forge":  # "auto": where Forge runs its own text encoders
+            saves_vram = forge.keeps_text_encoders_off_its_device()
+        else:
+            saves_vram = self._a1111_low_vram(family)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
         factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
         return ModelRequest(
@@ -246,6 +271,7 @@ class OMSController:
             folders=tuple(folders),
             device=device,
             dtype=dtype,
+            text_device=text_encoder_device(settings, saves_vram),
             allow_download=settings.allow_download,
             endpoint=settings.hf_endpoint.strip() or None,
             borrowed_encoder=factory,
@@ -258,10 +284,7 @@ class OMSController:
         """The SD2.x checkpoint's own OpenCLIP encoder (no second copy in memory), if usable."""
         if not settings.reuse_sd2_text_encoder or family != "sd2":
             return None, ""
-        info = getattr(sd_model, "sd_checkpoint_info", None)
-        checkpoint_id = str(
-            getattr(info, "hash", None) or getattr(info, "filename", None) or id(sd_model)
-        )
+        checkpoint_id = _checkpoint_id(sd_model)
         if self.host.kind == "forge":
             encoder = forge.sd2_text_encoder(sd_model)
             return (None, "") if encoder is None else ((lambda: encoder), checkpoint_id)
@@ -274,6 +297,16 @@ class OMSController:
         # its hooks move the tower there only when the embedding is called.
         device = torch.device(self.host.device)
         return (lambda: wrap_openclip_tower(tower, compute_device=lambda: device)), checkpoint_id
+
+
+    def _a1111_low_vram(self, family: str) -> bool:
+        return a1111.low_vram(self.host.cmd_opts, family)
+
+
+def _checkpoint_id(sd_model: Any) -> str:
+    """Names the loaded checkpoint (its hash, else its file, else the object)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    return str(getattr(info, "hash", None) or getattr(info, "filename", None) or id(sd_model))
 
 
 def _record(p: Any, infotext: dict[str, Any], *, replace: bool = True) -> None:

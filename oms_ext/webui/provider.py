@@ -48,39 +48,87 @@ from oms_ext.webui.registry import (
 )
 
 DEVICES = ("auto", "cpu")
+TEXT_DEVICES = ("auto", "gpu", "cpu")
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
-OFFLOADS = ("auto", "always", "never")
+GPU_FREE = "free after each generation"
+GPU_KEEP = "keep on GPU between generations"
+GPU_MEMORY = ("auto", GPU_FREE, GPU_KEEP)
 
 
 @dataclass(frozen=True)
 class SettingSpec:
-    """One WebUI setting: key in ``shared.opts``, default, label, choices (None = free)."""
+    """One WebUI setting: key in ``shared.opts``, default, label, choices (None = free) and a
+    one-line help text shown under it."""
 
     key: str
     default: Any
     label: str
     choices: tuple[str, ...] | None = None
+    help: str = ""
 
 
-#: The "One More Step" settings section, in display order.
+#: The "One More Step" settings section, in display order. Every label starts with "OMS" and
+#: every help text names One More Step, so the settings search finds them by either name.
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("oms_models_dir", "", "OMS models folder (empty = <WebUI models>/oms)"),
-    SettingSpec("oms_device", "auto", "Run OMS on (auto = the WebUI's device)", DEVICES),
+    SettingSpec(
+        "oms_models_dir",
+        "",
+        "OMS models folder",
+        help="where One More Step looks for modules and downloads them; empty = the WebUI's "
+        "models/oms folder. Press the refresh button beside the module list after a change",
+    ),
+    SettingSpec(
+        "oms_device",
+        "auto",
+        "OMS runs on",
+        DEVICES,
+        help="auto = the WebUI's GPU; cpu keeps One More Step out of VRAM (slower, still once "
+        "per batch)",
+    ),
+    SettingSpec(
+        "oms_text_encoder_device",
+        "auto",
+        "OMS text encoder runs on",
+        TEXT_DEVICES,
+        help="auto = the CPU under --lowvram/--medvram (Forge: where it runs text encoders), "
+        "else beside the module. One More Step's 681 MB encoder runs once per new prompt",
+    ),
     SettingSpec(
         "oms_dtype",
         "auto",
-        "OMS precision (auto = the WebUI's precision on GPU, fp32 on CPU)",
+        "OMS precision",
         DTYPE_CHOICES,
+        help="auto = the WebUI's own precision on a GPU (float32 after a NaN), float32 on the "
+        "CPU; One More Step never uses fp16 on the CPU",
     ),
     SettingSpec(
-        "oms_offload",
+        "oms_gpu_memory",
         "auto",
-        "Move OMS off the GPU after its step (auto = in low/med VRAM)",
-        OFFLOADS,
+        "OMS GPU memory between generations",
+        GPU_MEMORY,
+        help="auto = freed under --lowvram/--medvram (Forge: its memory manager decides). "
+        "One More Step always leaves the GPU when it is switched off or the checkpoint changes",
     ),
-    SettingSpec("oms_allow_download", True, "Download missing OMS modules from Hugging Face"),
-    SettingSpec("oms_hf_endpoint", "", "Hugging Face endpoint for downloads (empty = default)"),
-    SettingSpec("oms_reuse_sd2_text_encoder", True, "Reuse an SD2.x checkpoint's text encoder"),
+    SettingSpec(
+        "oms_allow_download",
+        True,
+        "OMS downloads missing modules",
+        help="One More Step fetches a missing module (308 MB + 681 MB text encoder) from "
+        "Hugging Face in the background; generations before it is there run without it",
+    ),
+    SettingSpec(
+        "oms_hf_endpoint",
+        "",
+        "OMS Hugging Face mirror",
+        help="address of a Hugging Face mirror for One More Step downloads; empty = "
+        "huggingface.co",
+    ),
+    SettingSpec(
+        "oms_reuse_sd2_text_encoder",
+        True,
+        "OMS reuses an SD2.x checkpoint's text encoder",
+        help="One More Step then needs no download and no second copy of SD 2.1's encoder",
+    ),
 )
 
 
@@ -90,8 +138,9 @@ class Settings:
 
     models_dir: str = ""
     device: str = "auto"
+    text_encoder_device: str = "auto"
     dtype: str = "auto"
-    offload: str = "auto"
+    gpu_memory: str = "auto"
     allow_download: bool = True
     hf_endpoint: str = ""
     reuse_sd2_text_encoder: bool = True
@@ -153,17 +202,31 @@ def compute_dtype(
     return webui_dtype if webui_dtype is not None else torch.float16
 
 
-def should_offload(settings: Settings, host_low_vram: bool) -> bool:
-    return settings.offload == "always" or (settings.offload == "auto" and host_low_vram)
+def text_encoder_device(settings: Settings, webui_low_vram: bool) -> torch.device | None:
+    """Where an OMS-owned text encoder runs: the CPU when set so, or for "auto" when the
+    WebUI saves VRAM (``webui_low_vram``; its text states are small and cached per prompt);
+    None = beside the module on ``device``."""
+    if settings.text_encoder_device == "cpu" or (
+        settings.text_encoder_device == "auto" and webui_low_vram
+    ):
+        return torch.device("cpu")
+    return None
+
+
+def frees_gpu_after_each_generation(settings: Settings, webui_low_vram: bool) -> bool:
+    """Whether OMS leaves the GPU after its step ("auto": when the WebUI saves VRAM)."""
+    return settings.gpu_memory == GPU_FREE or (settings.gpu_memory == "auto" and webui_low_vram)
 
 
 @dataclass(frozen=True)
 class ModelRequest:
     """Everything :func:`provide_model` needs, as plain values.
 
-    ``borrowed_encoder``/``borrowed_id``: a factory for the checkpoint's own text encoder to
-    reuse (SD2.x; called only when the model is (re)loaded) and an id naming it for the cache
-    (e.g. the checkpoint's hash); None/"" to use the encoder the module names.
+    ``text_device``: where the module's own text encoder runs when not beside the module
+    (the CPU, in float32). ``borrowed_encoder``/``borrowed_id``: a factory for the
+    checkpoint's own text encoder to reuse (SD2.x; called only when the model is (re)loaded)
+    and an id naming it for the cache (e.g. the checkpoint's hash); None/"" to use the
+    encoder the module names.
     """
 
     choice: str
@@ -171,6 +234,7 @@ class ModelRequest:
     folders: tuple[Path, ...]
     device: torch.device
     dtype: torch.dtype
+    text_device: torch.device | None = None
     allow_download: bool = False
     endpoint: str | None = None
     borrowed_encoder: Callable[[], PromptEncoderLike] | None = None
@@ -202,6 +266,7 @@ def provide_model(
         str(canonical_device(request.device)),
         str(request.dtype).removeprefix("torch."),
         source,
+        str(request.text_device) if request.text_device is not None else "",
     )
     try:
         return cache.get(key, lambda: _load(resolved, request, cache, download))
@@ -268,12 +333,22 @@ def _load(
         _download_in_background(resolved, needed, request, cache, download)
     if borrowed:
         return load_oms(path, device, dtype, text_encoder=request.borrowed_encoder())
+    text = {"text_device": request.text_device, "text_dtype": _text_dtype(request)}
     if has_pointer or spec is None:
-        return load_oms(path, device, dtype, models_dir=models_dir, allow_download=False)
+        return load_oms(path, device, dtype, models_dir=models_dir, allow_download=False, **text)
     encoder = load_release_text_encoder(
-        spec.repo_id, dual=spec.dual, models_dir=models_dir, device=device, dtype=dtype
+        spec.repo_id,
+        dual=spec.dual,
+        models_dir=models_dir,
+        device=request.text_device or device,
+        dtype=text["text_dtype"] or dtype,
     )
-    return load_oms(path, device, dtype, text_encoder=encoder, owns_text_encoder=True)
+    return load_oms(path, device, dtype, text_encoder=encoder, owns_text_encoder=True, **text)
+
+
+def _text_dtype(request: ModelRequest) -> torch.dtype | None:
+    """float32 for a text encoder on the CPU (never fp16 there); None = the module's."""
+    return torch.float32 if request.text_device is not None else None
 
 
 def _download_in_background(
