@@ -1,13 +1,14 @@
 // One More Step: tooltips for the txt2img accordion. Everything lives in one namespace.
 const OneMoreStep = {
     tooltips: {
-        oms_enabled: "Run the One More Step module once before sampling, so brightness and colour follow the prompt.",
-        oms_prompt: "Text the OMS module reads. Empty = each image's own prompt, with (weights:1.2), [edits] and <lora:...> tags removed. Try 'dark', 'bright', 'red car'.",
-        oms_negative_prompt: "Unconditional text for OMS guidance. Empty = the authors' default.",
-        oms_cfg: "OMS guidance scale. 1 = no guidance; about 2 already changes brightness and colour clearly.",
-        oms_module: "Auto = the module for the loaded checkpoint (SD1.x/SD2.x or SDXL). Modules in models/oms are listed too; missing ones are downloaded on first use.",
-        oms_refresh: "Rescan the models folder for OMS modules.",
-        oms_noise_mode: "Keep seed noise: same composition as without OMS (s = 0). Fresh noise: the authors' stochastic step, noise drawn from the image seed.",
+        oms_enabled: "Before sampling, One More Step predicts the picture's overall light and colour from the prompt and starts the sampler there: dark prompts come out truly dark, bright ones truly bright.",
+        oms_prompt: "What One More Step reads. Empty = each image's own prompt, read as the WebUI reads it at the first step ((weights), [edits], AND, <lora:...> tags). Try 'dark', 'bright white', 'red'.",
+        oms_negative_prompt: "What One More Step steers away from. Usually left empty.",
+        oms_cfg: "How strongly the OMS prompt steers light and colour. 1 = no extra push; 2 to 4 = clearly stronger; below 1 fades toward a guess without the prompt (0 ignores it).",
+        oms_module: "Auto = the module made for the loaded checkpoint (SD1.x/SD2.x or SDXL). The list below says which modules are on disk; a missing one downloads the first time it is needed.",
+        oms_refresh: "Look for modules in the OMS models folder again.",
+        oms_noise_mode: "Keep seed noise: the same composition as without One More Step, only light and colour change. Fresh noise: new noise drawn from the seed, so the composition changes too.",
+        oms_preview: "After the images, show a small picture of what One More Step predicted (the light and colour layout the sampler starts from). Not saved, not written into the images.",
     },
 
     addTooltips() {

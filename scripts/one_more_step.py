@@ -5,7 +5,7 @@ and forwards its callbacks to ``OMSController``; all logic lives in ``oms_ext``.
 
 API: ``/sdapi/v1/txt2img`` with ``"alwayson_scripts": {"one more step": {"args": [...]}}``,
 positional args in the UI order ``[enabled, prompt, negative_prompt, cfg, module,
-noise_mode]`` (missing trailing ones take the defaults), or a single named dict such as
+noise_mode, preview]`` (missing trailing ones take the defaults), or a single named dict such as
 ``{"enabled": true, "cfg": 2.0}``. ``GET /oms/v1/version`` and ``/oms/v1/schema`` describe it.
 """
 
@@ -20,10 +20,10 @@ from modules import devices, extra_networks, prompt_parser, script_callbacks, sc
 
 from oms_ext import __version__
 from oms_ext.webui import a1111, forge
-from oms_ext.webui.args import FIELDS, NOISE_MODES, OMSArgs
+from oms_ext.webui.args import FIELDS, INFOTEXT_FIELDS, NOISE_MODES, OMSArgs
 from oms_ext.webui.glue import Host, OMSController
 from oms_ext.webui.provider import Settings, models_folders
-from oms_ext.webui.registry import module_choices, scan_modules
+from oms_ext.webui.registry import module_choices, module_notes, scan_modules
 from oms_ext.webui.ui import TITLE, build_ui, register_settings, register_xyz_axes
 
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
@@ -36,9 +36,19 @@ def _models_dir() -> Path:
     return Path(paths.models_path)
 
 
+def _folders() -> list[Path]:
+    return models_folders(Settings.from_opts(shared.opts), _models_dir(), EXTENSION_DIR)
+
+
 def _choices() -> list[str]:
-    settings = Settings.from_opts(shared.opts)
-    return module_choices(scan_modules(models_folders(settings, _models_dir(), EXTENSION_DIR)))
+    return module_choices(scan_modules(_folders()))
+
+
+def _module_notes(choice: str) -> str:
+    sd_model = getattr(shared, "sd_model", None)
+    adapter = forge if IS_FORGE else a1111
+    family = adapter.model_family(sd_model) if sd_model is not None else None
+    return module_notes(choice, _folders(), family)
 
 
 def _input_accordion():
@@ -80,9 +90,9 @@ class OneMoreStepScript(scripts.Script):
         return False if is_img2img else scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool):
-        built = build_ui(gr, _input_accordion(), _choices, __version__)
+        built = build_ui(gr, _input_accordion(), _choices, __version__, _module_notes)
         self.infotext_fields = built.infotext_fields
-        self.paste_field_names = [f.label for f in FIELDS]
+        self.paste_field_names = [f.label for f in INFOTEXT_FIELDS]
         return built.inputs
 
     def process(self, p, *args) -> None:
@@ -99,9 +109,16 @@ class OneMoreStepScript(scripts.Script):
     def postprocess_batch(self, p, *args, **kwargs) -> None:
         _controller().postprocess_batch(p)
 
+    def postprocess(self, p, processed, *args) -> None:
+        _controller().postprocess(p, processed)
+
 
 def _on_ui_settings() -> None:
-    register_settings(shared.opts, gr, shared.OptionInfo)
+    try:
+        from modules.options import categories  # A1111 1.7+ and Forge
+    except ImportError:
+        categories = None
+    register_settings(shared.opts, gr, shared.OptionInfo, categories)
 
 
 def _on_before_ui() -> None:
@@ -122,7 +139,7 @@ def _on_app_started(_demo, app) -> None:
             "defaults": defaults,
             "noise_modes": list(NOISE_MODES),
             "modules": _choices(),
-            "infotext_keys": {f.attr: f.label for f in FIELDS},
+            "infotext_keys": {f.attr: f.label for f in INFOTEXT_FIELDS},
         }
 
 

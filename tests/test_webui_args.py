@@ -7,6 +7,7 @@ import pytest
 from oms_ext.webui.args import (
     ENABLED_KEY,
     FIELDS,
+    INFOTEXT_FIELDS,
     NOISE_FRESH,
     VERSION_KEY,
     OMSArgs,
@@ -18,9 +19,21 @@ from tests import webui_standins as wi
 
 def test_field_table_covers_every_args_attribute_once():
     assert [f.attr for f in FIELDS] == list(OMSArgs().to_dict())
-    labels = [f.label for f in FIELDS]
+    labels = [f.label for f in INFOTEXT_FIELDS]
     assert len(set(labels)) == len(labels)
     assert all(label.startswith("OMS") for label in labels)
+
+
+def test_each_field_has_one_name_in_the_ui_infotext_and_xyz_grid():
+    axes = [f.axis_label for f in FIELDS if f.axis is not None]
+    assert axes == ["[OMS] Enable", "[OMS] Prompt", "[OMS] CFG", "[OMS] Module", "[OMS] Noise"]
+    for field in INFOTEXT_FIELDS[1:]:
+        assert field.axis is None or field.axis_label.lower() == "[oms] " + field.label[4:].lower()
+
+
+def test_the_preview_is_a_view_option_never_written_into_images():
+    assert "preview" not in {f.attr for f in INFOTEXT_FIELDS}
+    assert OMSArgs(enabled=True, preview=True).infotext() == OMSArgs(enabled=True).infotext()
 
 
 def test_positional_values_follow_the_ui_order_and_missing_ones_take_defaults():
@@ -30,7 +43,7 @@ def test_positional_values_follow_the_ui_order_and_missing_ones_take_defaults():
 
 def test_too_many_positional_values_are_rejected():
     with pytest.raises(OMSArgsError, match="at most"):
-        OMSArgs.from_values([True, "", "", 2.0, "Auto", "Keep seed noise", "extra"])
+        OMSArgs.from_values([True, "", "", 2.0, "Auto", "Keep seed noise", False, "extra"])
 
 
 def test_dict_argument_is_read_by_name():
@@ -58,7 +71,7 @@ def test_infotext_has_marker_version_and_only_non_defaults():
     info = OMSArgs(enabled=True, cfg=3.5, noise_mode=NOISE_FRESH).infotext()
     assert info.pop(ENABLED_KEY) == "True"
     assert info.pop(VERSION_KEY)
-    assert info == {"OMS CFG": 3.5, "OMS noise mode": NOISE_FRESH}
+    assert info == {"OMS CFG": 3.5, "OMS noise": NOISE_FRESH}
 
 
 def test_disabled_args_write_no_infotext():

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,7 +239,7 @@ def test_infotext_records_marker_version_alpha_bar_and_non_defaults(models_dir):
     assert info[ENABLED_KEY] == "True"
     assert info["OMS prompt"] == "dark" and info["OMS CFG"] == 3.0
     assert info["OMS module"] == "oms_tiny"
-    assert "OMS negative prompt" not in info and "OMS noise mode" not in info
+    assert "OMS negative prompt" not in info and "OMS noise" not in info
     assert abs(float(info[ALPHA_BAR_KEY]) - wi.start_alpha_bar_of(p.samplers[0], p.steps)) < 1e-6
 
 
@@ -393,3 +394,66 @@ def test_invalid_api_args_turn_oms_off_with_a_reason_and_the_image_is_still_samp
     assert ENABLED_KEY not in p.infotexts[0]
     assert any("skipped: invalid OMS settings" in line for line in log)
     assert p.samplers[0].start_latent is not None
+
+
+# --- what the user sees under the result ----------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_skipped_oms_says_so_under_the_result(models_dir, version):
+    p, _ = make_run(models_dir, version, args=[True, "", "", 2.0, "someone_elses_module"])
+    processed = wi.process_images(p)
+    assert processed.comments == (
+        "One More Step skipped: module someone_elses_module is not installed; choose another "
+        "module or put it into the OMS models folder\n"
+    )
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_applied_oms_adds_no_comment(models_dir, version):
+    p, _ = make_run(models_dir, version)
+    assert wi.process_images(p).comments == ""
+
+
+# --- "Show OMS preview" ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("enable_hr", [False, True])
+def test_the_preview_adds_one_picture_per_image_after_the_images(
+    models_dir, tiny_model, version, enable_hr
+):
+    from oms_ext.preview import preview_images
+
+    args = [True, "", "", 2.0, "oms_tiny", "Keep seed noise", True]
+    p, _ = make_run(
+        models_dir, version, args=args, batch_size=2, n_iter=2, width=64, height=48,
+        enable_hr=enable_hr,
+    )
+    processed = wi.process_images(p)
+    assert len(processed.images) == len(processed.infotexts) == 8
+    assert processed.images[:4] == [f"image {i}" for i in range(4)]  # the real images first
+    previews = processed.images[4:]
+    assert [im.size for im in previews] == [(64, 48)] * 4  # PIL: (width, height)
+    assert all(t.startswith("One More Step preview of image") for t in processed.infotexts[4:])
+    seeds = p.all_seeds[2:4]  # the second batch's first image is preview 3
+    x_S = wi.ImageRNG((4, 6, 8), seeds).first()
+    x0 = tiny_model.predict_x0(x_S, p.all_prompts[2:4], 2.0)
+    expected = preview_images(x0[0], "sd1", size=(48, 64)).numpy()
+    got = torch.as_tensor(np.asarray(previews[2]))
+    assert (got.int() - torch.as_tensor(expected).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_without_the_preview_switch_the_run_has_only_its_own_images(models_dir, version):
+    p, _ = make_run(models_dir, version, batch_size=2)
+    processed = wi.process_images(p)
+    assert processed.images == ["image 0", "image 1"]
+    assert "preview" not in wi.infotext_line(p.infotexts[0]).lower()
+
+
+def test_the_preview_is_asked_for_through_the_api_by_name(models_dir):
+    p, _ = make_run(
+        models_dir, "1.10", args=[{"enabled": True, "module": "oms_tiny", "preview": True}]
+    )
+    assert len(wi.process_images(p).images) == 2 * p.batch_size

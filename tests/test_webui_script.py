@@ -13,7 +13,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from oms_ext.webui.args import ALPHA_BAR_KEY, FIELDS
+from oms_ext.webui.args import ALPHA_BAR_KEY, FIELDS, INFOTEXT_FIELDS
 from tests import webui_standins as wi
 from tests.test_webui_ui import FakeGradio
 
@@ -95,7 +95,7 @@ def test_script_shows_in_txt2img_only_and_returns_inputs_in_field_order(script_m
     assert script.show(True) is False
     inputs = script.ui(False)
     assert len(inputs) == len(FIELDS)
-    assert script.paste_field_names == [f.label for f in FIELDS]
+    assert script.paste_field_names == [f.label for f in INFOTEXT_FIELDS]
     assert "oms_tiny" in inputs[4].kwargs["choices"]
 
 
@@ -111,6 +111,7 @@ def test_script_applies_oms_through_process_before_every_sampling(script_module)
         process_batch=script.process_batch,
         before_every_sampling=lambda p_, x: script.process_before_every_sampling(p_, x=x, noise=x),
         postprocess_batch=script.postprocess_batch,
+        postprocess=lambda p_, processed: script.postprocess(p_, processed, *p.scripts.script_args),
     )
     wi.process_images(p)
     assert ALPHA_BAR_KEY in p.infotexts[0]
@@ -132,6 +133,7 @@ def test_api_schema_documents_the_positional_order(script_module):
         "cfg",
         "module",
         "noise_mode",
+        "preview",
     ]
     assert routes["/oms/v1/version"]()["version"]
 

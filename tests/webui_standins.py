@@ -241,6 +241,9 @@ class ScriptRunner:
     def postprocess_batch(self, p, images, **kwargs):
         self.controller.postprocess_batch(p)
 
+    def postprocess(self, p, processed):
+        self.controller.postprocess(p, processed)
+
 
 @dataclass
 class Txt2Img:
@@ -274,7 +277,12 @@ class Txt2Img:
     samplers: list = field(default_factory=list)
     rngs: list = field(default_factory=list)
     infotexts: list = field(default_factory=list)
+    comments: dict = field(default_factory=dict)
     scripts: Any = None
+
+    def comment(self, text: str) -> None:
+        """``StableDiffusionProcessing.comment``: shown under the result (``Processed``)."""
+        self.comments[text] = 1
 
     def sample(self) -> torch.Tensor:
         self.sampler = self.sampler_factory()
@@ -308,7 +316,7 @@ class Txt2Img:
         return samples
 
 
-def process_images(p: Txt2Img) -> None:
+def process_images(p: Txt2Img) -> Processed:
     """``modules.processing.process_images_inner`` (A1111 1.6-1.10.1, Forge): seeds as the WebUI
     assigns them (``all_seeds[i] = seed + i`` unless a variation strength is set, then every
     image shares the seed and ``all_subseeds[i] = subseed + i`` varies), then per batch the
@@ -345,6 +353,25 @@ def process_images(p: Txt2Img) -> None:
         samples = p.sample()
         p.scripts.postprocess_batch(p, samples)
         p.infotexts.append(dict(p.extra_generation_params))
+    # Processed(p, images, infotexts=...): comments are read here, then scripts' postprocess.
+    count = len(p.all_prompts)
+    processed = Processed(
+        images=[f"image {i}" for i in range(count)],
+        infotexts=[infotext_line(p.infotexts[i // p.batch_size]) for i in range(count)],
+        comments="".join(f"{comment}\n" for comment in p.comments),
+    )
+    p.scripts.postprocess(p, processed)
+    return processed
+
+
+@dataclass
+class Processed:
+    """``modules.processing.Processed``: the run's images (the API returns every one of them,
+    as base64), their infotexts and the comments shown under the result."""
+
+    images: list
+    infotexts: list
+    comments: str
 
 
 def start_alpha_bar_of(sampler: Any, steps: int) -> float:

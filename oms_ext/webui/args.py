@@ -3,7 +3,8 @@
 One table, :data:`FIELDS`, drives everything that names a field: the UI component order (which
 is also the positional order of the API's ``alwayson_scripts`` args), the infotext labels
 written into images and read back by "paste parameters" / PNG Info, the XYZ-grid axes and the
-named-dict form of the API. Plain Python, no WebUI import.
+named-dict form of the API. Each field has one name, "OMS <name>", used by the accordion, the
+infotext and (as "[OMS] <Name>") the XYZ grid. Plain Python, no WebUI import.
 """
 
 from __future__ import annotations
@@ -38,26 +39,35 @@ AxisKind = Literal["bool", "str", "float", "module", "noise_mode"]
 class Field:
     """One user-facing OMS setting.
 
-    ``attr``: OMSArgs attribute and API dict key; ``label``: infotext key (prefix "OMS");
-    ``axis``: how the XYZ grid offers it (None = no axis); ``ui_label``: the UI's label.
+    ``attr``: OMSArgs attribute and API dict key; ``label``: its name, the UI's label and the
+    infotext key (None: a view option, never written into images); ``axis``: how the XYZ grid
+    offers it (None = no axis).
     """
 
     attr: str
-    label: str
-    ui_label: str
+    label: str | None
     axis: AxisKind | None
+
+    @property
+    def axis_label(self) -> str:
+        """The XYZ-grid name: ``[OMS] CFG``, ``[OMS] Prompt``, ``[OMS] Enable``."""
+        name = "Enable" if self.attr == "enabled" else (self.label or self.attr)[4:]
+        return f"[OMS] {name[0].upper()}{name[1:]}"
 
 
 #: UI component order = API positional order.
 FIELDS: tuple[Field, ...] = (
-    Field("enabled", ENABLED_KEY, "Enable One More Step", "bool"),
-    Field("prompt", "OMS prompt", "OMS prompt", "str"),
-    Field("negative_prompt", "OMS negative prompt", "OMS negative prompt", None),
-    Field("cfg", "OMS CFG", "OMS CFG", "float"),
-    Field("module", "OMS module", "OMS module", "module"),
-    Field("noise_mode", "OMS noise mode", "Noise", "noise_mode"),
+    Field("enabled", ENABLED_KEY, "bool"),
+    Field("prompt", "OMS prompt", "str"),
+    Field("negative_prompt", "OMS negative prompt", None),
+    Field("cfg", "OMS CFG", "float"),
+    Field("module", "OMS module", "module"),
+    Field("noise_mode", "OMS noise", "noise_mode"),
+    Field("preview", None, None),
 )
 FIELD_BY_ATTR = {f.attr: f for f in FIELDS}
+#: The fields written into images (infotext) and read back when pasting.
+INFOTEXT_FIELDS = tuple(f for f in FIELDS if f.label is not None)
 
 
 class OMSArgsError(ValueError):
@@ -72,7 +82,8 @@ class OMSArgs:
     stripped). ``negative_prompt``: the OMS unconditional prompt ("" as in the authors' code).
     ``cfg``: OMS guidance w_psi of Eq. 21 (1 = no guidance), in [CFG_MIN, CFG_MAX].
     ``module``: "Auto" (by the checkpoint's family) or a module name. ``noise_mode``: one of
-    :data:`NOISE_MODES`.
+    :data:`NOISE_MODES`. ``preview``: show the OMS prediction after the images (a view
+    option: not written into the infotext).
     """
 
     enabled: bool = False
@@ -81,10 +92,12 @@ class OMSArgs:
     cfg: float = 2.0
     module: str = AUTO_MODULE
     noise_mode: str = NOISE_KEEP
+    preview: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise OMSArgsError(f"enabled must be true or false, got {self.enabled!r}")
+        for name in ("enabled", "preview"):
+            if not isinstance(getattr(self, name), bool):
+                raise OMSArgsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -145,7 +158,7 @@ class OMSArgs:
             return {}
         defaults = OMSArgs()
         out: dict[str, Any] = {ENABLED_KEY: "True"}
-        for f in FIELDS[1:]:
+        for f in INFOTEXT_FIELDS[1:]:
             value = getattr(self, f.attr)
             if value != getattr(defaults, f.attr):
                 out[f.label] = value
@@ -155,13 +168,13 @@ class OMSArgs:
 
 def _coerce(attr: str, value: Any) -> Any:
     """Accept the string forms that pasted infotext and XYZ cells deliver."""
-    if attr == "enabled" and isinstance(value, str):
+    if attr in ("enabled", "preview") and isinstance(value, str):
         low = value.strip().lower()
         if low in ("true", "1", "yes", "on"):
             return True
         if low in ("false", "0", "no", "off", ""):
             return False
-        raise OMSArgsError(f"enabled must be true or false, got {value!r}")
+        raise OMSArgsError(f"{attr} must be true or false, got {value!r}")
     if attr == "cfg" and isinstance(value, str):
         try:
             return float(value)
@@ -184,7 +197,7 @@ def args_from_infotext(params: Mapping[str, Any]) -> OMSArgs:
     """
     enabled = str(params.get(ENABLED_KEY, "")).strip().lower() == "true"
     values: dict[str, Any] = {"enabled": enabled}
-    for f in FIELDS[1:]:
+    for f in INFOTEXT_FIELDS[1:]:
         if f.label in params:
             try:
                 values[f.attr] = getattr(OMSArgs.from_dict({f.attr: params[f.label]}), f.attr)

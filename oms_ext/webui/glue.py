@@ -6,7 +6,11 @@ Per-run state lives on ``p`` (``p.oms_args``, ``p.oms_last_batch``), never on th
 
 Callback order (A1111 1.6-1.10, Forge): ``process(p, *args)`` once per run; per batch
 ``process_batch`` then ``p.sample()``, which calls ``process_before_every_sampling`` (A1111
->= 1.10, Forge) or draws ``p.rng.next()`` (hooked on A1111 < 1.10); ``postprocess_batch``.
+>= 1.10, Forge) or draws ``p.rng.next()`` (hooked on A1111 < 1.10); ``postprocess_batch``;
+``postprocess(p, processed)`` once at the end, with the run's images.
+
+When OMS does not run, the user sees why where they look: "OMS skipped: <reason>" in the
+infotext and, through the WebUI's own ``p.comment``, one line under the result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from oms_ext.loading import OMSModel
+from oms_ext.preview import FAMILIES as PREVIEW_FAMILIES
 from oms_ext.prompt_syntax import PlainSyntax, PromptSyntax
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.webui import a1111, forge
@@ -29,6 +34,7 @@ from oms_ext.webui.args import (
     ENABLED_KEY,
     FIELD_BY_ATTR,
     FIELDS,
+    INFOTEXT_FIELDS,
     NOTE_KEY,
     SKIPPED_KEY,
     VERSION_KEY,
@@ -55,7 +61,7 @@ _OMS_INFOTEXT_KEYS = (
     ALPHA_BAR_KEY,
     SKIPPED_KEY,
     NOTE_KEY,
-    *(f.label for f in FIELDS),
+    *(f.label for f in INFOTEXT_FIELDS),
 )
 
 
@@ -118,9 +124,11 @@ class OMSController:
             reason = f"invalid OMS settings: {e}"
             self.host.log(f"[OMS] One More Step skipped: {reason}")
             _record(p, {SKIPPED_KEY: reason})
+            _comment(p, reason)
             args = OMSArgs()
         p.oms_args = args
         p.oms_last_batch = None
+        p.oms_previews = []
         if not args.enabled:
             self.release_gpu("OMS is off")  # VRAM is the user's: nothing of OMS stays there
         return args
@@ -174,6 +182,28 @@ class OMSController:
         if rng is not None:
             a1111.unhook_first_noise(rng)
 
+    def postprocess(self, p: Any, processed: Any) -> None:
+        """"Show OMS preview": after the run's images, one picture per image of what OMS
+        predicted (x0_hat through the cheap latent-to-RGB map, at the image size), its
+        infotext saying so, with brightness and main colour. Added after saving, so never
+        written to disk; the API returns them as it returns every image of the run."""
+        previews = getattr(p, "oms_previews", None)
+        if not previews:
+            return
+        from PIL import Image
+
+        from oms_ext.preview import preview_images, summarize_latent
+
+        size = (int(p.height), int(p.width))
+        for index, (latent, family) in enumerate(previews, start=1):
+            picture = preview_images(latent, family, size=size)
+            summary = summarize_latent(latent, family)[0]
+            processed.images.append(Image.fromarray(picture.numpy()))
+            processed.infotexts.append(
+                f"One More Step preview of image {index} (what OMS predicted, not an image "
+                f"the WebUI made): {summary.text()}"
+            )
+
     # --- internals ---------------------------------------------------------------------
 
     @staticmethod
@@ -204,6 +234,7 @@ class OMSController:
             outcome = skipped(p.oms_args, reason)
             self.host.log(f"{outcome.message}\n{traceback.format_exc()}")
             _record(p, outcome.infotext)
+            _comment(p, reason)
             return outcome
 
     def _run(self, p: Any, x: torch.Tensor) -> Outcome:
@@ -219,6 +250,7 @@ class OMSController:
         except UnsupportedModelError as e:
             outcome = skipped(p.oms_args, e.reason)
             _record(p, outcome.infotext)
+            _comment(p, e.reason)
             self.host.log(outcome.message)
             return outcome
         settings = Settings.from_opts(self.host.opts)
@@ -248,6 +280,11 @@ class OMSController:
             # even on a checkpoint of another family.
             infotext = {**infotext, FIELD_BY_ATTR["module"].label: auto_module(inputs.family)}
         _record(p, infotext, replace=first_pass)
+        if SKIPPED_KEY in infotext:
+            _comment(p, infotext[SKIPPED_KEY])
+        if outcome.x0_hat is not None and p.oms_args.preview and first_pass:
+            family = inputs.family if inputs.family in PREVIEW_FAMILIES else "sd1"
+            p.oms_previews.extend((latent, family) for latent in outcome.x0_hat)
         if outcome.message:
             self.host.log(outcome.message)
         return outcome
@@ -307,6 +344,14 @@ def _checkpoint_id(sd_model: Any) -> str:
     """Names the loaded checkpoint (its hash, else its file, else the object)."""
     info = getattr(sd_model, "sd_checkpoint_info", None)
     return str(getattr(info, "hash", None) or getattr(info, "filename", None) or id(sd_model))
+
+
+def _comment(p: Any, reason: str) -> None:
+    """One line under the result through the WebUI's own comments (``p.comment``, A1111
+    1.6+ and Forge: shown below the images, as the WebUI shows its own warnings)."""
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(f"One More Step skipped: {reason}")
 
 
 def _record(p: Any, infotext: dict[str, Any], *, replace: bool = True) -> None:

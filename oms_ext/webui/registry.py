@@ -220,3 +220,80 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
             "the OMS models folder",
         )
     return ResolvedModule(name, known, folders[0] / name, present=False)
+
+
+#: How checkpoint families are called in messages.
+FAMILY_NAMES = {
+    "sd1": "SD1.x",
+    "sd2": "SD2.x",
+    "sdxl": "SDXL",
+    "sd3": "SD3",
+    "flow": "a flow-matching model",
+    "unknown": "unknown",
+}
+
+
+def _purpose(known: KnownModule) -> str:
+    return "/".join(FAMILY_NAMES[f] for f in known.families)
+
+
+def _size(known: KnownModule) -> str:
+    encoders = "text encoders" if known.text_encoder.dual else "text encoder"
+    return f"{known.size_mb} MB + {known.text_encoder.size_mb} MB {encoders}"
+
+
+def module_status(name: str, local: Sequence[LocalModule], models_dir: Path) -> str:
+    """One line saying what a module choice is for and whether it is on disk, e.g.
+    "oms_b_openclip_xl - SDXL - 308 MB + 681 MB text encoder - not downloaded"."""
+    if name == AUTO_MODULE:
+        return (
+            f"{AUTO_MODULE} - the module made for the loaded checkpoint: "
+            + ", ".join(f"{AUTO_BY_FAMILY[f]} for {FAMILY_NAMES[f]}" for f in AUTO_BY_FAMILY)
+        )
+    on_disk = {m.name: m for m in local}
+    known = KNOWN_BY_NAME.get(name)
+    if known is None:
+        kind = "folder" if name in on_disk and on_disk[name].path.is_dir() else "file"
+        return f"{name} - local module ({kind}) - on disk"
+    if name not in on_disk:
+        state = "not downloaded"
+    else:
+        from oms_ext.text import release_text_encoder_available
+
+        module = on_disk[name].path
+        encoder = known.text_encoder
+        has_encoder = release_text_encoder_available(
+            encoder.repo_id,
+            dual=encoder.dual,
+            models_dir=models_dir,
+            module_root=module if module.is_dir() else None,
+        )
+        state = "on disk" if has_encoder else "on disk, text encoder not downloaded"
+    return f"{name} - {_purpose(known)} - {_size(known)} - {state}"
+
+
+def fit_warning(choice: str, family: Family) -> str | None:
+    """Why ``choice`` will not run with a checkpoint of ``family``, or None when it fits
+    (or cannot be told: a local module of unknown kind)."""
+    if choice == AUTO_MODULE:
+        if family in AUTO_BY_FAMILY:
+            return None
+        return f"no OMS module exists for {FAMILY_NAMES.get(family, family)} checkpoints"
+    known = KNOWN_BY_NAME.get(choice)
+    if known is None or family not in AUTO_BY_FAMILY or family in known.families:
+        return None
+    return (
+        f"{choice} is made for {_purpose(known)} checkpoints, the loaded one is "
+        f"{FAMILY_NAMES[family]}: choose {AUTO_MODULE} or a matching module"
+    )
+
+
+def module_notes(choice: str, folders: Sequence[Path], family: Family | None) -> str:
+    """The text under the module list (Markdown): a warning when ``choice`` does not fit the
+    loaded checkpoint's ``family`` (None: no checkpoint known), then one line per choice
+    (:func:`module_status`)."""
+    local = scan_modules(folders)
+    lines = [f"- {module_status(name, local, folders[0])}" for name in module_choices(local)]
+    warning = fit_warning(choice, family) if family is not None else None
+    head = f"**OMS will be skipped: {warning}.**\n\n" if warning else ""
+    return head + "\n".join(lines)

@@ -78,11 +78,13 @@ class BatchInputs:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Result of :func:`run_oms`. ``noise`` None means: keep the WebUI's noise."""
+    """Result of :func:`run_oms`. ``noise`` None means: keep the WebUI's noise. ``x0_hat``:
+    the module's prediction [B, C, h, w] (float32, CPU) when it ran, for the preview."""
 
     noise: torch.Tensor | None
     infotext: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    x0_hat: torch.Tensor | None = None
 
     @property
     def applied(self) -> bool:
@@ -232,12 +234,12 @@ def run_oms(
     notes = []
     try:
         model = load_model(False)
-        x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
+        x0_hat, x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
         if not _finite(x_T) and model.dtype != torch.float32:
             half = str(model.dtype).removeprefix("torch.")
             notes.append(f"{half} gave NaN/inf on this device, OMS runs in float32 from now on")
             model = load_model(True)
-            x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
+            x0_hat, x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
         longest = max(model.count_tokens([*dict.fromkeys(texts), negative]))
     except OMSUserError as e:
         return skipped(args, e.reason, str(e))
@@ -259,7 +261,7 @@ def run_oms(
         f"[OMS] One More Step applied: {_describe_start(inputs.start)}, alpha_bar0 = "
         f"{alpha_bar:.6g}, OMS prompt {shown}"
     )
-    return Outcome(noise, info, "; ".join([message, *notes]))
+    return Outcome(noise, info, "; ".join([message, *notes]), x0_hat.cpu())
 
 
 #: Why OMS skips a prompt the WebUI's parser cannot read.
@@ -275,9 +277,9 @@ def _oms_x_T(
     alpha_bar: float,
     texts: Sequence[WeightedPrompt],
     negative: WeightedPrompt,
-) -> torch.Tensor:
-    """x_T in VP space (Eq. 20) from x0_hat = -psi_cfg(x_S, C) (Eq. 21), in float32 on CPU
-    or the model's device."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, x_T): the guided prediction x0_hat = -psi_cfg(x_S, C) (Eq. 21) and x_T in VP
+    space (Eq. 20), in float32 on the model's device."""
     x_S = inputs.noise.float()
     x0_hat = model.predict_x0(x_S.to(model.device), texts, args.cfg, negative).float()
     if args.fresh_noise:
@@ -285,7 +287,7 @@ def _oms_x_T(
         z = fresh_noise(inputs.seeds, x_S.shape[1:]).to(x0_hat.device)
     else:
         s, z = 0.0, None
-    return oms_start(x0_hat, x_S.to(x0_hat.device), alpha_bar, s=s, noise=z)
+    return x0_hat, oms_start(x0_hat, x_S.to(x0_hat.device), alpha_bar, s=s, noise=z)
 
 
 def _describe_start(start: SamplerStart) -> str:

@@ -2,8 +2,8 @@
 
 The WebUI's ``gradio`` module and helper classes are passed in, so this file imports none of
 them. Only APIs that behave the same on gradio 3.41 (A1111) and 4.x (Forge) are used:
-components built with ``choices=``/``value=``, ``elem_id``/``elem_classes``, ``.click`` and
-``gr.update(...)`` for refreshing.
+components built with ``choices=``/``value=``/``info=``, ``elem_id``/``elem_classes``,
+``.click``/``.change`` and ``gr.update(...)`` for refreshing.
 """
 
 from __future__ import annotations
@@ -12,22 +12,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from oms_ext.webui.args import CFG_MAX, CFG_MIN, FIELDS, NOISE_MODES, OMSArgs, args_from_infotext
+from oms_ext.webui.args import (
+    CFG_MAX,
+    CFG_MIN,
+    FIELD_BY_ATTR,
+    FIELDS,
+    INFOTEXT_FIELDS,
+    NOISE_MODES,
+    OMSArgs,
+    args_from_infotext,
+)
 from oms_ext.webui.provider import SETTINGS
 
 TITLE = "One More Step"
 ELEM_PREFIX = "oms"
 XYZ_PREFIX = "[OMS]"
+#: The settings page (section id, title) and the settings category it is listed under.
+SETTINGS_CATEGORY = "one_more_step"
 SETTINGS_SECTION = ("one_more_step", TITLE)
+CFG_INFO = (
+    "How strongly the OMS prompt steers light and colour: 1 = no extra push, 2-4 = clearly "
+    "stronger; below 1 fades toward a guess without the prompt (0 ignores it)"
+)
 
 
 @dataclass(frozen=True)
 class Built:
     """The input components in :data:`FIELDS` order (= API positional order), the module
-    dropdown (for refresh) and the ``infotext_fields`` pairs for "paste parameters"."""
+    dropdown and the module notes under it (for refresh), and the ``infotext_fields`` pairs
+    for "paste parameters"."""
 
     inputs: list[Any]
     module_dropdown: Any
+    module_notes: Any
     infotext_fields: list[tuple[Any, Callable[[dict], Any]]]
 
 
@@ -41,9 +58,18 @@ def build_ui(
     input_accordion: Any | None,
     module_choices: Callable[[], Sequence[str]],
     version: str,
+    module_notes: Callable[[str], str],
 ) -> Built:
     """Build the accordion (closed by default). ``input_accordion`` is the WebUI's
-    ``InputAccordion`` (A1111 >= 1.6, Forge) or None (then an Accordion holding a checkbox)."""
+    ``InputAccordion`` (A1111 >= 1.6, Forge) or None (then an Accordion holding a checkbox).
+    ``module_notes(choice)``: the text under the module list (what each module is for, what
+    is on disk, a warning when ``choice`` does not fit the loaded checkpoint); it is redrawn
+    when the choice changes and on refresh.
+
+    Layout (usable from 800 px wide): prompt, negative prompt, the module list with its
+    refresh button and notes, then OMS CFG, the noise choice and the preview switch, each on a
+    row of its own, so no slider is squeezed beside another control.
+    """
     defaults = OMSArgs()
     title = f"{TITLE} v{version}"
     if input_accordion is not None:
@@ -54,52 +80,83 @@ def build_ui(
     with accordion:
         if input_accordion is None:
             enabled = gr.Checkbox(
-                label=FIELDS[0].ui_label, value=False, elem_id=f"{ELEM_PREFIX}_enabled"
+                label="Enable One More Step", value=False, elem_id=f"{ELEM_PREFIX}_enabled"
             )
         prompt = gr.Textbox(
-            label=FIELDS[1].ui_label,
+            label=FIELD_BY_ATTR["prompt"].label,
             lines=2,
             value=defaults.prompt,
-            placeholder="Empty = each image's prompt (weights and <lora:...> tags removed)",
+            placeholder="Empty = each image's own prompt. Try: dark, bright white, red",
             elem_id=f"{ELEM_PREFIX}_prompt",
         )
         negative = gr.Textbox(
-            label=FIELDS[2].ui_label, lines=1, value="", elem_id=f"{ELEM_PREFIX}_negative_prompt"
+            label=FIELD_BY_ATTR["negative_prompt"].label,
+            lines=1,
+            value=defaults.negative_prompt,
+            placeholder="Usually empty",
+            elem_id=f"{ELEM_PREFIX}_negative_prompt",
         )
-        with gr.Row():
-            cfg = gr.Slider(
-                minimum=CFG_MIN,
-                maximum=CFG_MAX,
-                step=0.1,
-                value=defaults.cfg,
-                label=FIELDS[3].ui_label,
-                elem_id=f"{ELEM_PREFIX}_cfg",
-            )
+        with gr.Row(elem_id=f"{ELEM_PREFIX}_module_row"):
             module = gr.Dropdown(
                 choices=list(module_choices()),
                 value=defaults.module,
-                label=FIELDS[4].ui_label,
+                label=FIELD_BY_ATTR["module"].label,
                 elem_id=f"{ELEM_PREFIX}_module",
             )
             refresh = gr.Button(
                 value="\U0001f504", elem_id=f"{ELEM_PREFIX}_refresh", elem_classes=["tool"]
             )
+        notes = gr.Markdown(module_notes(defaults.module), elem_id=f"{ELEM_PREFIX}_module_notes")
+        cfg = gr.Slider(
+            minimum=CFG_MIN,
+            maximum=CFG_MAX,
+            step=0.1,
+            value=defaults.cfg,
+            label=FIELD_BY_ATTR["cfg"].label,
+            info=CFG_INFO,
+            elem_id=f"{ELEM_PREFIX}_cfg",
+        )
         noise = gr.Radio(
             choices=list(NOISE_MODES),
             value=defaults.noise_mode,
-            label=FIELDS[5].ui_label,
+            label=FIELD_BY_ATTR["noise_mode"].label,
             elem_id=f"{ELEM_PREFIX}_noise_mode",
         )
-    refresh.click(fn=lambda: gr.update(choices=list(module_choices())), inputs=[], outputs=[module])
-    inputs = [enabled, prompt, negative, cfg, module, noise]
+        preview = gr.Checkbox(
+            label="Show OMS preview",
+            value=defaults.preview,
+            elem_id=f"{ELEM_PREFIX}_preview",
+        )
+    refresh.click(
+        fn=lambda choice: (
+            gr.update(choices=list(module_choices())),
+            gr.update(value=module_notes(choice)),
+        ),
+        inputs=[module],
+        outputs=[module, notes],
+    )
+    module.change(
+        fn=lambda choice: gr.update(value=module_notes(choice)), inputs=[module], outputs=[notes]
+    )
+    inputs = [enabled, prompt, negative, cfg, module, noise, preview]
     pairs = [
-        (component, _from_infotext(f.attr)) for component, f in zip(inputs, FIELDS, strict=True)
+        (component, _from_infotext(f.attr))
+        for component, f in zip(inputs, FIELDS, strict=True)
+        if f in INFOTEXT_FIELDS
     ]
-    return Built(inputs, module, pairs)
+    return Built(inputs, module, notes, pairs)
 
 
-def register_settings(opts: Any, gr: Any, option_info: Any) -> None:
-    """Add the "One More Step" section to the WebUI settings (``shared.opts``)."""
+def register_settings(
+    opts: Any, gr: Any, option_info: Any, categories: Any | None = None
+) -> None:
+    """Add the "One More Step" settings page (``shared.opts``), listed under a category of
+    its own where the WebUI has categories (``modules.options.categories``, A1111 1.7+ and
+    Forge), each setting with its help line."""
+    category = {}
+    if categories is not None:
+        categories.register_category(SETTINGS_CATEGORY, TITLE)
+        category = {"category_id": SETTINGS_CATEGORY}
     for spec in SETTINGS:
         if isinstance(spec.default, bool):
             component, component_args = gr.Checkbox, None
@@ -108,9 +165,14 @@ def register_settings(opts: Any, gr: Any, option_info: Any) -> None:
         else:
             component, component_args = gr.Textbox, None
         info = option_info(
-            spec.default, spec.label, component, component_args, section=SETTINGS_SECTION
+            spec.default,
+            spec.label,
+            component,
+            component_args,
+            section=SETTINGS_SECTION,
+            **category,
         )
-        opts.add_option(spec.key, info)
+        opts.add_option(spec.key, info.info(spec.help) if spec.help else info)
 
 
 def _set_field(attr: str) -> Callable[[Any, Any, Any], None]:
@@ -118,11 +180,6 @@ def _set_field(attr: str) -> Callable[[Any, Any, Any], None]:
         setattr(p, f"oms_{attr}", value)
 
     return apply
-
-
-def axis_label(attr: str) -> str:
-    field = next(f for f in FIELDS if f.attr == attr)
-    return f"{XYZ_PREFIX} Enable" if attr == "enabled" else f"{XYZ_PREFIX} {field.label[4:]}"
 
 
 def register_xyz_axes(
@@ -156,7 +213,7 @@ def register_xyz_axes(
         spec = kinds[field.axis]
         xyz.axis_options.append(
             axis_option(
-                axis_label(field.attr),
+                field.axis_label,
                 spec["type"],
                 _set_field(field.attr),
                 choices=spec.get("choices"),
