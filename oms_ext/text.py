@@ -775,13 +775,17 @@ def load_prompt_encoder(
     encoder = read_pointer(root, "oms_text_encoder")
     dual = _is_dual(root, encoder)
     tokenizer = None if dual else read_pointer(root, "oms_tokenizer")
-    options = {
-        "models_dir": models_dir,
-        "allow_download": allow_download,
-        "hf_cache_dir": hf_cache_dir,
-        "progress": progress,
-    }
-    return _load_pointed_encoder(root, encoder, tokenizer, options, device=device, dtype=dtype)
+    return _load_pointed_encoder(
+        root,
+        encoder,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        models_dir=models_dir,
+        allow_download=allow_download,
+        hf_cache_dir=hf_cache_dir,
+        progress=progress,
+    )
 
 
 def load_release_text_encoder(
@@ -803,13 +807,17 @@ def load_release_text_encoder(
     sub = "" if dual else "text_encoder"
     encoder = Pointer("CLIPTextModel", repo_id, sub)
     tokenizer = None if dual else Pointer("CLIPTokenizer", repo_id, "tokenizer")
-    options = {
-        "models_dir": models_dir,
-        "allow_download": False,
-        "hf_cache_dir": hf_cache_dir,
-        "progress": False,
-    }
-    return _load_pointed_encoder(None, encoder, tokenizer, options, device=device, dtype=dtype)
+    return _load_pointed_encoder(
+        None,
+        encoder,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        models_dir=models_dir,
+        allow_download=False,
+        hf_cache_dir=hf_cache_dir,
+        progress=False,
+    )
 
 
 def release_text_encoder_available(
@@ -845,13 +853,14 @@ def _load_pointed_encoder(
     root: Path | None,
     encoder: Pointer,
     tokenizer: Pointer | None,
-    options: dict[str, Any],
     *,
     device: torch.device | str,
     dtype: torch.dtype,
+    **options: Any,
 ) -> PromptEncoder:
     """Single CLIP (``tokenizer`` given) or the SDXL pair (``tokenizer`` None, ``encoder``
-    naming the SDXL base folder or repo)."""
+    naming the SDXL base folder or repo); ``options`` are those of
+    :func:`resolve_component_folder`."""
     if tokenizer is None:
         parts = []
         for suffix, with_projection in (("", False), ("_2", True)):

@@ -18,3 +18,13 @@ def forge_backend(monkeypatch):
     manager = wi.ForgeMemoryManagement()
     manager.install(monkeypatch)
     return manager
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A WebUI models folder holding the tiny test module as models/oms/oms_tiny."""
+    from tests import webui_standins as wi
+
+    root = tmp_path_factory.mktemp("models")
+    wi.install_tiny_module(root / "oms")
+    return root

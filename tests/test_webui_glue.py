@@ -32,13 +32,6 @@ def _forge_backend(forge_backend):
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    wi.install_tiny_module(root / "oms")
-    return root
-
-
-@pytest.fixture(scope="module")
 def tiny_model(models_dir: Path):
     return load_oms(models_dir / "oms" / "oms_tiny")
 

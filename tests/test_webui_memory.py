@@ -26,13 +26,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    wi.install_tiny_module(root / "oms")
-    return root
-
-
-@pytest.fixture(scope="module")
 def sizes() -> dict[str, int]:
     """Bytes of the tiny module's parts (float32, as OMS runs on the CPU)."""
     model = load_oms(wi.TINY_MODULE)
