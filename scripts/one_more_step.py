@@ -46,9 +46,20 @@ def _choices() -> list[str]:
 
 def _module_notes(choice: str) -> str:
     sd_model = getattr(shared, "sd_model", None)
-    adapter = forge if IS_FORGE else a1111
-    family = adapter.model_family(sd_model) if sd_model is not None else None
+    if IS_FORGE:
+        family = forge.notes_family(sd_model, _forge_selected_checkpoint())
+    else:
+        family = a1111.model_family(sd_model) if sd_model is not None else None
     return module_notes(choice, _folders(), family)
+
+
+def _forge_selected_checkpoint() -> Path | None:
+    """The checkpoint file Forge f2 loads at the next Generate (None on forks without it)."""
+    from modules import sd_models
+
+    parameters = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
+    filename = getattr(parameters.get("checkpoint_info"), "filename", None)
+    return Path(filename) if filename else None
 
 
 def _input_accordion():

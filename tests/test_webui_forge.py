@@ -191,3 +191,55 @@ def test_forge_sd2_encoder_sends_ids_where_forge_runs_text_encoders(forge_backen
     forge_backend.low_vram = low_vram
     encoder = forge.sd2_text_encoder(_forge_sd2())
     assert encoder.compute_device() == forge_backend.text_encoder_device()
+
+
+@pytest.mark.parametrize(
+    ("key", "family"),
+    [
+        ("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
+        ("cond_stage_model.model.ln_final.weight", "sd2"),
+        ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd1"),
+        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "sd3"),
+        ("double_blocks.0.img_attn.qkv.weight", "flow"),
+        ("model.diffusion_model.input_blocks.0.0.weight", None),  # a UNet-only file
+    ],
+)
+def test_a_checkpoint_files_family_is_told_by_its_tensor_names(key, family):
+    keys = ["model.diffusion_model.out.2.weight", key]
+    assert forge.checkpoint_family_from_keys(keys) == family
+
+
+def _checkpoint_file(path: Path, key: str) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(1), "model.diffusion_model.out.2.bias": torch.zeros(1)}, path)
+    return path
+
+
+def test_notes_judge_by_the_selected_checkpoint_until_forge_has_loaded_it(tmp_path):
+    """Forge f2 loads the checkpoint at the first Generate; its placeholder model
+    (FakeInitialModel) has no forge_objects, so the selected file tells the family."""
+    sd15 = _checkpoint_file(
+        tmp_path / "sd15.safetensors", "cond_stage_model.transformer.text_model.x"
+    )
+    sdxl = _checkpoint_file(tmp_path / "xl.safetensors", "conditioner.embedders.0.transformer.x")
+    placeholder = SimpleNamespace(cond_stage_model=None, chunk_length=75)
+    assert forge.notes_family(placeholder, sd15) == "sd1"
+    assert forge.notes_family(placeholder, None) is None
+    loaded_sd15 = SimpleNamespace(
+        forge_objects=SimpleNamespace(),
+        is_sd1=True,
+        sd_checkpoint_info=SimpleNamespace(filename=str(sd15)),
+    )
+    assert forge.notes_family(loaded_sd15, sd15) == "sd1"
+    assert forge.notes_family(loaded_sd15, None) == "sd1"
+    # another checkpoint chosen in the list, loaded at the next Generate
+    assert forge.notes_family(loaded_sd15, sdxl) == "sdxl"
+
+
+def test_a_file_that_does_not_tell_its_family_gives_none(tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 4)
+    assert forge.checkpoint_file_family(broken) is None
+    assert forge.checkpoint_file_family(tmp_path / "missing.safetensors") is None
+    assert forge.checkpoint_file_family(tmp_path / "old.ckpt") is None

@@ -157,3 +157,21 @@ def test_unloading_the_checkpoint_to_ram_also_takes_oms_off_the_gpu(script_modul
 def test_loading_another_checkpoint_takes_oms_off_the_gpu(script_module, released):
     script_module.callbacks["on_model_loaded"][0](wi.SDModel())
     assert released == ["release"]
+
+
+def test_module_notes_on_forge_warn_before_the_checkpoint_is_loaded(script_module, tmp_path):
+    """Forge f2 before the first Generate: shared.sd_model is a placeholder and
+    sd_models.model_data.forge_loading_parameters names the selected checkpoint."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "sd15.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(1)}, checkpoint)
+    script_module.IS_FORGE = True
+    sys.modules["modules.shared"].sd_model = SimpleNamespace(cond_stage_model=None)
+    sys.modules["modules.sd_models"].model_data = SimpleNamespace(
+        forge_loading_parameters={"checkpoint_info": SimpleNamespace(filename=str(checkpoint))}
+    )
+    assert "OMS will be skipped" in script_module._module_notes("oms_b_openclip_xl")
+    assert "OMS will be skipped" not in script_module._module_notes("Auto")
+    sys.modules["modules.sd_models"].model_data = SimpleNamespace()  # forks without it
+    assert "OMS will be skipped" not in script_module._module_notes("oms_b_openclip_xl")
