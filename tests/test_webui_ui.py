@@ -3,6 +3,8 @@ these constructor keywords) and of A1111 1.10.1's xyz_grid module."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -218,3 +220,12 @@ def test_xyz_axes_fall_back_to_plain_axis_option_without_txt2img_class():
     del xyz.AxisOptionTxt2Img
     assert register_xyz_axes(data, lambda: ["Auto"]) is True
     assert all(type(o) is AxisOption for o in xyz.axis_options)
+
+
+def test_style_sheet_styles_only_the_extensions_own_elements():
+    """Both WebUIs load style.css from the extension's root into every page: it must not
+    restyle anything of the WebUI's own."""
+    css = (Path(__file__).resolve().parents[1] / "style.css").read_text(encoding="utf-8")
+    css = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
+    selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
+    assert selectors and all(s.startswith("#oms_") for s in selectors), selectors
