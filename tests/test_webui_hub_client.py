@@ -194,3 +194,18 @@ def test_unreachable_endpoint_names_repo_files_and_folder(hub, tmp_path, monkeyp
         download_files(REPO_ID, ["model_index.json"], target, endpoint=closed, log=lambda _: None)
     text = str(err.value)
     assert f"{closed}/{REPO_ID}" in text and "model_index.json" in text and str(target) in text
+
+
+def test_a_download_shows_the_hub_clients_progress_bar_with_size_and_speed(
+    hub, tmp_path, monkeypatch, capsys
+) -> None:
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # as a WebUI's console has it
+    monkeypatch.setenv("TQDM_POSITION", "-1")  # tqdm draws as on a terminal
+    _, endpoint = hub
+    target = tmp_path / "oms" / "oms_b_openclip_15_21"
+    weights = "oms_module/diffusion_pytorch_model.fp16.safetensors"
+    download_files(REPO_ID, [weights], target, endpoint=endpoint, log=lambda _: None)
+    bar = capsys.readouterr().err
+    assert "100%" in bar and "B/s" in bar  # tqdm: bytes done of the size, and the speed

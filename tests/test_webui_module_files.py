@@ -375,3 +375,31 @@ def test_a_module_folder_without_its_text_encoder_says_which_files_to_get_and_wh
     assert "config.json" in text and "model.fp16.safetensors" in text
     assert str(tmp_path / "stabilityai--stable-diffusion-2-1" / "text_encoder") in text
     assert "huggingface-cli download stabilityai/stable-diffusion-2-1" in text
+
+
+def test_without_a_terminal_the_download_logs_its_progress_with_size_and_speed(tmp_path):
+    import time
+
+    from oms_ext.webui.download import RemoteFile
+
+    def slow_fetch(repo_id, filename, dest_dir, endpoint):
+        path = dest_dir / filename
+        with path.open("wb") as f:
+            for _ in range(5):
+                f.write(b"x" * 400_000)
+                f.flush()
+                time.sleep(0.05)
+        return path
+
+    lines: list[str] = []
+    download_files(
+        "r/m",
+        ["big.bin"],
+        tmp_path / "m",
+        fetch=slow_fetch,
+        describe=lambda *a: {"big.bin": RemoteFile(2_000_000, None)},
+        log=lines.append,
+        progress_every_s=0.05,
+    )
+    progress = [line for line in lines if "MB/s" in line]
+    assert progress and all(" of 2 MB (" in line for line in progress)

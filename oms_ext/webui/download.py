@@ -13,12 +13,14 @@ asked for a missing module goes on without it and a second request does not fetc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -238,13 +240,17 @@ def download_files(
     fetch: Fetch = hub_fetch,
     describe: Describe = hub_describe,
     log: Callable[[str], None] = print,
+    progress_every_s: float | None = None,
 ) -> Path:
     """Download the ``files`` of ``repo_id`` missing from ``target`` (created if needed).
 
     Returns ``target``. Raises DownloadError, whatever the hub client raised, naming the
     repo, the files and the target folder when the hub is unreachable (offline,
     ``HF_HUB_OFFLINE``), a file fails verification, or the folder cannot be written (a full
-    disk says so).
+    disk says so). Progress: the hub client draws its bar (size, speed) on a terminal; when
+    the console is not one (a WebUI started by a launcher, output to a log), it hides it, so
+    then a line with the bytes so far, the total and the speed is logged every
+    ``progress_every_s`` seconds (default :data:`PROGRESS_EVERY_S`; 0 = never).
     """
     todo = missing_files(target, files)
     if not todo:
@@ -258,6 +264,8 @@ def download_files(
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
     except OSError as e:
         raise e if isinstance(e, DownloadError) else _folder_error(e, repo_id, target) from e
+    every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+    watch = _ProgressLog(repo_id, staging, remote, log, every)
     try:
         for name in todo:
             try:
@@ -278,9 +286,62 @@ def download_files(
     except OSError as e:
         raise e if isinstance(e, DownloadError) else _folder_error(e, repo_id, target) from e
     finally:
+        watch.stop()
         shutil.rmtree(staging, ignore_errors=True)
     log(f"[OMS] Downloaded {repo_id} into {target}")
     return target
+
+
+#: Seconds between progress lines when the console is no terminal.
+PROGRESS_EVERY_S = 10.0
+
+
+class _ProgressLog:
+    """Logs "Downloading <repo>: <done> of <total> MB (<speed> MB/s)" every ``every_s``
+    seconds from the bytes in the staging folder, unless stderr is a terminal (the hub
+    client's own bar shows there) or ``every_s`` is 0."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        staging: Path,
+        remote: Mapping[str, RemoteFile],
+        log: Callable[[str], None],
+        every_s: float,
+    ) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if every_s <= 0 or sys.stderr.isatty():
+            return
+        total = sum(r.size or 0 for r in remote.values())
+
+        def run() -> None:
+            started = time.monotonic()
+            while not self._stop.wait(every_s):
+                done = _folder_bytes(staging)
+                speed = done / max(time.monotonic() - started, 1e-6)
+                of = f" of {total / 1e6:.0f}" if total else ""
+                log(
+                    f"[OMS] Downloading {repo_id}: {done / 1e6:.0f}{of} MB "
+                    f"({speed / 1e6:.1f} MB/s)"
+                )
+
+        self._thread = threading.Thread(target=run, name=f"OMS progress {repo_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def _offline_message(
