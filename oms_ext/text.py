@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from oms_ext.precision import convert_state
+
 CONTEXT_LENGTH = 77
 SD21_REPO = "stabilityai/stable-diffusion-2-1"
 TEXT_ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
@@ -540,12 +542,10 @@ def load_text_state_dict(
     for key, value in state_dict.items():
         bare = key.removeprefix("text_model.")
         is_text = bare.startswith(("embeddings.", "encoder.", "final_layer_norm."))
-        name = "text_model." + bare if prefixed and is_text else bare
-        if on_meta and name in wanted:
-            # A copy, so no parameter keeps the file mapped (Windows could not replace it).
-            to = dtype if dtype is not None and value.is_floating_point() else value.dtype
-            value = value.to(dtype=to, copy=True)
-        fixed[name] = value
+        fixed["text_model." + bare if prefixed and is_text else bare] = value
+    if on_meta:
+        # Copies, so no parameter keeps the file mapped (Windows could not replace it).
+        fixed = convert_state({k: v for k, v in fixed.items() if k in wanted}, dtype)
     missing, _ = model.load_state_dict(fixed, strict=False, assign=on_meta)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing:

@@ -86,3 +86,31 @@ def test_auto_dtype_cpu_is_bf16_only_when_fast_and_never_fp16(
 def test_auto_dtype_is_fp16_on_gpus(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
     assert precision.auto_dtype(device) == torch.float16
+
+
+def test_convert_state_fp16_to_bf16_in_slices_equals_direct_conversion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision, "CONVERT_SLICE", 1000)  # several slices per tensor
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "w": (torch.randn(7, 300, generator=gen) * 100).half(),  # 2100 elements: 3 slices
+        "b": torch.randn(5, generator=gen).half(),
+        "ids": torch.arange(77)[None],
+    }
+    state["w"][0, :4] = torch.tensor([65504.0, -0.0, 6e-8, float("inf")]).half()
+    out = precision.convert_state(state, torch.bfloat16)
+    for name in ("w", "b"):
+        assert out[name].dtype == torch.bfloat16 and out[name].shape == state[name].shape
+        assert torch.equal(out[name], state[name].to(torch.bfloat16))
+    assert out["ids"].dtype == torch.int64 and torch.equal(out["ids"], state["ids"])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float16])
+def test_convert_state_always_copies(dtype: torch.dtype | None) -> None:
+    state = {"w": torch.randn(3, 4).half(), "ids": torch.arange(3)}
+    out = precision.convert_state(state, dtype)
+    for name, tensor in state.items():
+        assert out[name].data_ptr() != tensor.data_ptr()
+        expected = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        assert out[name].dtype == expected.dtype and torch.equal(out[name], expected)
