@@ -28,12 +28,15 @@ one run:
 
 The models of sections 1 and 3 are the ones section 4 loads. Workloads are interleaved: every
 round runs each once, ratios are medians of per-round ratios, so load from other processes
-hits both sides of a ratio alike; absolute figures still grow with such load.
+hits both sides of a ratio alike as long as our threads still get their cores; each section
+prints the CPU share its timed work got (near 100 % when they did).
 
-Usage: python tools/benchmark.py [--quick] [--sizes 64 128] [--rounds 3]
+Usage: python tools/benchmark.py [--quick] [--sizes 64 128] [--rounds 3] [--threads N]
        [--skip module accuracy e2e load]
-``--quick`` = 64x64 only, one round each (about 5 minutes on an idle 2-core CPU; the full run
-takes about 20). diffusers and transformers must be installed; open_clip too (tokenizer).
+``--quick`` = 64x64 only, one round each (under 3 minutes with one thread on a Zen 4 core; the
+full run about 10). On a machine shared with other jobs use ``--threads 1``: PyTorch's threads
+wait for each other at every operation, so a second thread on a busy core slows everything.
+diffusers and transformers must be installed; open_clip too (tokenizer).
 """
 
 from __future__ import annotations
