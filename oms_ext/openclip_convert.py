@@ -168,9 +168,13 @@ def clip_encoder_from_openclip_state_dict(
     layers = blocks - 1 if num_layers is None else int(num_layers)
     if not 1 <= layers <= blocks:
         raise ValueError(f"num_layers must be in 1..{blocks} for this text tower, got {layers}")
-    model = CLIPTextModel(clip_text_config_for_tower(tower, layers))
+    with torch.device("meta"):  # no random initialisation: the weights come from the tower
+        model = CLIPTextModel(clip_text_config_for_tower(tower, layers))
     load_text_state_dict(
-        model, openclip_to_transformers(tower, layers), source="the OpenCLIP state dict"
+        model,
+        openclip_to_transformers(tower, layers),
+        source="the OpenCLIP state dict",
+        dtype=dtype,
     )
     tok = tokenizer if tokenizer is not None else tokenizer_from_openclip_vocab()
     encoder = ClipPromptEncoder(model.eval(), tok, owns_model=True)

@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from oms_ext.errors import OMSUserError
+from oms_ext.precision import convert_state
 from oms_ext.prompt_syntax import WeightedPrompt, as_weighted
 
 CONTEXT_LENGTH = 77
@@ -643,7 +644,9 @@ def load_clip_text_model(
     """Load a transformers CLIP text model from ``folder`` (config.json + safetensors weights).
 
     Reads ``model.safetensors`` or else ``model.fp16.safetensors``; weights saved with or
-    without the ``text_model.`` key prefix load into either transformers 4.x or 5.x.
+    without the ``text_model.`` key prefix load into either transformers 4.x or 5.x. The model
+    is built without initialising weights (meta device), then takes the file's tensors
+    converted once to ``dtype``: loading costs one pass over the weights.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -663,30 +666,60 @@ def load_clip_text_model(
             reason=REASON_ENCODER_CORRUPT,
         ) from e
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    model = model_cls(config)
-    load_text_state_dict(model, state_dict, source=str(weights))
-    return model.to(dtype=dtype).eval()
+    with torch.device("meta"):
+        model = model_cls(config)
+    load_text_state_dict(model, state_dict, source=str(weights), dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def load_text_state_dict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Load transformers CLIP text weights whatever their ``text_model.`` prefix convention;
-    raise :class:`TextEncoderError` naming ``source`` when a weight is missing."""
+    raise :class:`TextEncoderError` naming ``source`` when a weight is missing.
+
+    A model built on the meta device takes copies of the given tensors (floating-point ones
+    converted to ``dtype`` when given) instead of being filled, and its ``position_ids``
+    buffer, which files do not carry, is rebuilt.
+    """
     wanted = model.state_dict().keys()
     prefixed = any(key.startswith("text_model.") for key in wanted)
+    on_meta = any(p.is_meta for p in model.parameters())
     fixed = {}
     for key, value in state_dict.items():
         bare = key.removeprefix("text_model.")
         is_text = bare.startswith(("embeddings.", "encoder.", "final_layer_norm."))
         fixed["text_model." + bare if prefixed and is_text else bare] = value
-    missing, _ = model.load_state_dict(fixed, strict=False)
+    if on_meta:
+        # Copies, so no parameter keeps the file mapped (Windows could not replace it).
+        fixed = convert_state({k: v for k, v in fixed.items() if k in wanted}, dtype)
+    missing, _ = model.load_state_dict(fixed, strict=False, assign=on_meta)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing:
         raise TextEncoderError(
             f"{source} lacks {len(missing)} weights, e.g. {missing[:3]}",
             reason="its text encoder file lacks weights (not the encoder the module needs?)",
         )
+    if on_meta:
+        _rebuild_meta_buffers(model, source)
+    if dtype is not None:
+        model.to(dtype=dtype)
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module, source: str) -> None:
+    """Give the non-persistent buffers of a meta-built CLIP model real values on the CPU."""
+    for module_name, module in model.named_modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            if name != "position_ids":
+                raise ValueError(f"{source}: {module_name}.{name} has no value after loading")
+            positions = torch.arange(buffer.shape[-1], dtype=buffer.dtype)
+            module._buffers[name] = positions.expand(buffer.shape)
 
 
 def _load_clip_encoder(

@@ -238,6 +238,33 @@ def test_oms_b_module_round_trips_strictly_through_a_single_file(tmp_path: Path)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp16_file_loads_converted_into_memory_of_its_own(tmp_path: Path, dtype) -> None:
+    """Released files are fp16; each parameter is the file's value converted once, in memory
+    that is not the file's mapping."""
+    fixture = load_file(str(FIXTURE / "oms_module" / "diffusion_pytorch_model.safetensors"))
+    state = {k: v.half() for k, v in fixture.items()}
+    path = tmp_path / "tiny.safetensors"
+    save_file(state, str(path))
+    shutil.copy(FIXTURE / "oms_module" / "config.json", tmp_path / "tiny.json")
+    unet, _ = load_module(path, dtype=dtype)
+    loaded = unet.state_dict()
+    assert all(
+        loaded[k].dtype == dtype and torch.equal(loaded[k], v.to(dtype)) for k, v in state.items()
+    )
+    assert not any(p.requires_grad for p in unet.parameters())
+    # No parameter is a view into the memory-mapped file (Windows could not replace it).
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps")
+    mapped = [
+        [int(a, 16) for a in line.split()[0].split("-")]
+        for line in maps.read_text().splitlines()
+        if line.endswith(str(path))
+    ]
+    assert not any(a <= p.data_ptr() < b for p in unet.parameters() for a, b in mapped)
+
+
 # ------------------------------------------------------------------------- bad input
 
 

@@ -280,6 +280,18 @@ def test_weights_without_text_model_prefix_load_too(tmp_path, reference) -> None
     assert _max_diff(encoder(["a photo of a cat"]), reference["text/emb/1"]) <= TOL
 
 
+def test_loaded_model_holds_the_file_weights_in_the_asked_dtype_and_real_position_ids() -> None:
+    """Built on the meta device and filled with converted copies of the file's tensors."""
+    weights = load_file(str(DATA / "text_encoder" / "model.safetensors"))
+    model = load_clip_text_model(DATA / "text_encoder", dtype=torch.bfloat16)
+    state = model.state_dict()
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert all(state[k].dtype == torch.bfloat16 for k in weights)
+    assert all(torch.equal(state[k], v.bfloat16()) for k, v in weights.items())
+    positions = model.text_model.embeddings.position_ids
+    assert positions.dtype == torch.int64 and torch.equal(positions, torch.arange(77)[None])
+
+
 # --- borrowed transformers encoders ---------------------------------------------------------
 
 

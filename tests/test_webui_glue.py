@@ -225,6 +225,29 @@ def test_disabled_oms_leaves_noise_and_infotext_alone(models_dir):
     assert log == []
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_nothing_is_loaded_while_oms_is_off(models_dir, monkeypatch, version):
+    """No module or text-encoder weights are read for runs with OMS off; the first run with
+    OMS on reads them (so the spies do see loading)."""
+    import oms_ext.loading
+    import oms_ext.text
+
+    reads: list[str] = []
+
+    def spy(owner: object, name: str) -> None:
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: reads.append(name) or real(*a, **k))
+
+    spy(oms_ext.loading, "_build_and_fill")
+    spy(oms_ext.text, "load_clip_text_model")
+    monkeypatch.setitem(globals(), "CACHE", ModelCache())  # nothing loaded by earlier tests
+    for _ in range(2):
+        wi.process_images(make_run(models_dir, version, args=[False])[0])
+    assert reads == []
+    wi.process_images(make_run(models_dir, version)[0])
+    assert sorted(set(reads)) == ["_build_and_fill", "load_clip_text_model"]
+
+
 def test_infotext_records_marker_version_alpha_bar_and_non_defaults(models_dir):
     p, _ = make_run(models_dir, "1.10", args=[True, "dark", "", 3.0, "oms_tiny"])
     wi.process_images(p)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from oms_ext.precision import auto_dtype
 from oms_ext.prompt_syntax import PlainSyntax, TextRules
 from oms_ext.spaces import SamplerStart, UnsupportedModelError
 from oms_ext.webui import a1111
@@ -23,7 +24,13 @@ from oms_ext.webui.download import (
     download_files,
     missing_files,
 )
-from oms_ext.webui.provider import ModelRequest, Settings, compute_dtype, provide_model
+from oms_ext.webui.provider import (
+    ModelRequest,
+    Settings,
+    compute_dtype,
+    cpu_text_dtype,
+    provide_model,
+)
 from oms_ext.webui.registry import (
     AUTO_MODULE,
     MODULE_FILES,
@@ -284,24 +291,42 @@ def test_a_model_on_cuda_0_is_not_moved_for_a_key_naming_cuda():
     assert loads == [1] and model.moves == []
 
 
+CPU_AUTO = auto_dtype(torch.device("cpu"))  # bf16 where this CPU runs it faster, else fp32
+
+
 @pytest.mark.parametrize(
-    ("setting", "device", "webui", "half_works", "expected"),
+    ("setting", "device", "webui", "half_works", "webui_on_cpu", "expected"),
     [
-        ("auto", "cuda", torch.float16, True, torch.float16),
-        ("auto", "cuda", torch.float32, True, torch.float32),  # --no-half / --precision full
-        ("auto", "cuda", None, True, torch.float16),
-        ("auto", "cuda", torch.float16, False, torch.float32),  # fp16 gave NaN here before
-        ("auto", "cpu", torch.float16, True, torch.float32),
-        ("fp16", "cpu", None, True, torch.float32),  # fp16 is never used on the CPU
-        ("fp16", "cuda", torch.float32, True, torch.float16),
-        ("bf16", "cpu", None, True, torch.bfloat16),
+        ("auto", "cuda", torch.float16, True, False, torch.float16),
+        ("auto", "cuda", torch.float32, True, False, torch.float32),  # --no-half/--precision full
+        ("auto", "cuda", None, True, False, torch.float16),
+        ("auto", "cuda", torch.float16, False, False, torch.float32),  # fp16 gave NaN here
+        ("auto", "cpu", torch.float16, True, True, torch.float32),  # the WebUI runs fp32 there
+        ("auto", "cpu", torch.float16, True, False, CPU_AUTO),  # OMS moved to the CPU
+        ("fp16", "cpu", None, True, False, torch.float32),  # fp16 is never used on the CPU
+        ("fp16", "cuda", torch.float32, True, False, torch.float16),
+        ("bf16", "cpu", None, True, True, torch.bfloat16),
     ],
 )
 def test_precision_follows_the_setting_the_webui_and_the_device(
-    setting, device, webui, half_works, expected
+    setting, device, webui, half_works, webui_on_cpu, expected
 ):
-    got = compute_dtype(Settings(dtype=setting), torch.device(device), webui, half_works=half_works)
+    got = compute_dtype(
+        Settings(dtype=setting),
+        torch.device(device),
+        webui,
+        half_works=half_works,
+        webui_on_cpu=webui_on_cpu,
+    )
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("auto", CPU_AUTO), ("fp16", CPU_AUTO), ("fp32", torch.float32), ("bf16", torch.bfloat16)],
+)
+def test_a_text_encoder_moved_to_the_cpu_never_runs_fp16_there(setting, expected):
+    assert cpu_text_dtype(Settings(dtype=setting)) == expected
 
 
 def test_a1111_precision_honours_no_half_and_precision_full():

@@ -47,6 +47,7 @@ from oms_ext.webui.provider import (
     Settings,
     compute_device,
     compute_dtype,
+    cpu_text_dtype,
     frees_gpu_after_each_generation,
     models_folders,
     provide_model,
@@ -295,11 +296,17 @@ class OMSController:
         device = compute_device(settings, self.host.device)
         webui_dtype = self.host.webui_dtype(device) if self.host.webui_dtype else None
         half_works = self.host.cache.half_precision_works(device)
-        dtype = compute_dtype(settings, device, webui_dtype, half_works=half_works)
+        webui_on_cpu = torch.device(self.host.device).type == "cpu"
+        dtype = compute_dtype(
+            settings, device, webui_dtype, half_works=half_works, webui_on_cpu=webui_on_cpu
+        )
         if self.host.kind == "forge":  # "auto": where Forge runs its own text encoders
             saves_vram = forge.keeps_text_encoders_off_its_device()
         else:
             saves_vram = self._a1111_low_vram(family)
+        text_device = text_encoder_device(settings, saves_vram)
+        # beside a module on the CPU it shares its precision; away from a GPU module, its own
+        text_dtype = dtype if device.type == "cpu" else cpu_text_dtype(settings)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
         factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
         return ModelRequest(
@@ -308,7 +315,8 @@ class OMSController:
             folders=tuple(folders),
             device=device,
             dtype=dtype,
-            text_device=text_encoder_device(settings, saves_vram),
+            text_device=text_device,
+            text_dtype=None if text_device is None else text_dtype,
             allow_download=settings.allow_download,
             endpoint=settings.hf_endpoint.strip() or None,
             borrowed_encoder=factory,

@@ -25,6 +25,7 @@ from oms_ext.loading import (
     load_oms,
     read_header,
 )
+from oms_ext.precision import auto_dtype
 from oms_ext.text import (
     TextEncoderError,
     TextEncoderNotFound,
@@ -185,21 +186,34 @@ def compute_dtype(
     webui_dtype: torch.dtype | None = None,
     *,
     half_works: bool = True,
+    webui_on_cpu: bool = False,
 ) -> torch.dtype:
     """The precision OMS runs in on ``device``.
 
     An explicit setting wins, except that fp16 is never used on the CPU (slow and inexact
-    there; fp32 instead). "auto": fp32 on the CPU; on a GPU the precision the WebUI itself
-    runs models in (``webui_dtype``: A1111's ``devices.dtype`` with ``--no-half`` /
-    ``--precision full``, Forge's fp16 check of the device; fp16 when unknown), and fp32 once
-    half precision gave NaN on this device (``half_works`` false).
+    there; fp32 instead). "auto": on a GPU the precision the WebUI itself runs models in
+    (``webui_dtype``: A1111's ``devices.dtype`` with ``--no-half`` / ``--precision full``,
+    Forge's fp16 check of the device; fp16 when unknown), fp32 once half precision gave NaN on
+    this device (``half_works`` false). On the CPU: as the WebUI when it computes there too
+    (``webui_on_cpu``: float32), else (OMS moved to the CPU by the device setting) bfloat16
+    where the CPU runs it faster (:func:`oms_ext.precision.auto_dtype`), float32 otherwise.
     """
     if settings.dtype != "auto":
         chosen = DTYPES[settings.dtype]
         return torch.float32 if chosen == torch.float16 and device.type == "cpu" else chosen
-    if device.type == "cpu" or not half_works:
+    if device.type == "cpu":
+        return torch.float32 if webui_on_cpu else auto_dtype(device)
+    if not half_works:
         return torch.float32
     return webui_dtype if webui_dtype is not None else torch.float16
+
+
+def cpu_text_dtype(settings: Settings) -> torch.dtype:
+    """The precision of a text encoder moved to the CPU while the module runs on a GPU: bf16
+    or fp32 as set, else (auto, or fp16, never used on the CPU) bf16 where faster."""
+    if settings.dtype in ("fp32", "bf16"):
+        return DTYPES[settings.dtype]
+    return auto_dtype(torch.device("cpu"))
 
 
 def text_encoder_device(settings: Settings, webui_low_vram: bool) -> torch.device | None:
@@ -222,11 +236,11 @@ def frees_gpu_after_each_generation(settings: Settings, webui_low_vram: bool) ->
 class ModelRequest:
     """Everything :func:`provide_model` needs, as plain values.
 
-    ``text_device``: where the module's own text encoder runs when not beside the module
-    (the CPU, in float32). ``borrowed_encoder``/``borrowed_id``: a factory for the
-    checkpoint's own text encoder to reuse (SD2.x; called only when the model is (re)loaded)
-    and an id naming it for the cache (e.g. the checkpoint's hash); None/"" to use the
-    encoder the module names.
+    ``text_device``/``text_dtype``: where and in which precision the module's own text
+    encoder runs when not beside the module (the CPU). ``borrowed_encoder``/``borrowed_id``:
+    a factory for the checkpoint's own text encoder to reuse (SD2.x; called only when the
+    model is (re)loaded) and an id naming it for the cache (e.g. the checkpoint's hash);
+    None/"" to use the encoder the module names.
     """
 
     choice: str
@@ -235,6 +249,7 @@ class ModelRequest:
     device: torch.device
     dtype: torch.dtype
     text_device: torch.device | None = None
+    text_dtype: torch.dtype | None = None
     allow_download: bool = False
     endpoint: str | None = None
     borrowed_encoder: Callable[[], PromptEncoderLike] | None = None
@@ -333,7 +348,7 @@ def _load(
         _download_in_background(resolved, needed, request, cache, download)
     if borrowed:
         return load_oms(path, device, dtype, text_encoder=request.borrowed_encoder())
-    text = {"text_device": request.text_device, "text_dtype": _text_dtype(request)}
+    text = {"text_device": request.text_device, "text_dtype": request.text_dtype}
     if has_pointer or spec is None:
         return load_oms(path, device, dtype, models_dir=models_dir, allow_download=False, **text)
     encoder = load_release_text_encoder(
@@ -344,11 +359,6 @@ def _load(
         dtype=text["text_dtype"] or dtype,
     )
     return load_oms(path, device, dtype, text_encoder=encoder, owns_text_encoder=True, **text)
-
-
-def _text_dtype(request: ModelRequest) -> torch.dtype | None:
-    """float32 for a text encoder on the CPU (never fp16 there); None = the module's."""
-    return torch.float32 if request.text_device is not None else None
 
 
 def _download_in_background(
