@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from oms_ext import load_oms, oms_start
+from oms_ext.precision import auto_dtype
 from oms_ext.prompt_syntax import WeightedPrompt
 from oms_ext.webui import a1111, forge, glue
 from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
@@ -38,7 +39,9 @@ def tiny_model(models_dir: Path):
 
 def make_run(models_dir: Path, version: str, *, args=None, sgm=False, **p_kwargs):
     """A stand-in txt2img run with the controller wired in like the script wires it."""
-    opts = SimpleNamespace(sgm_noise_multiplier=sgm)
+    # fp32: the expected starts are computed in fp32 ("auto" picks bf16 on CPUs that run it
+    # faster, which would move them by about 5e-4)
+    opts = SimpleNamespace(sgm_noise_multiplier=sgm, oms_dtype="fp32")
     log: list[str] = []
     host = Host(
         kind="forge" if version == "forge" else "a1111",
@@ -473,3 +476,18 @@ def test_the_preview_is_asked_for_through_the_api_by_name(models_dir):
         models_dir, "1.10", args=[{"enabled": True, "module": "oms_tiny", "preview": True}]
     )
     assert len(wi.process_images(p).images) == 2 * p.batch_size
+
+
+def test_auto_precision_on_the_cpu_starts_within_a_percent_of_the_fp32_start(
+    models_dir, tiny_model
+):
+    """'auto' runs OMS in bf16 where this CPU runs it faster (fp32 elsewhere)."""
+    p, _ = make_run(models_dir, "1.10")
+    p.scripts.controller.host.opts.oms_dtype = "auto"
+    p.scripts.controller.host.cache = ModelCache()
+    wi.process_images(p)
+    got = wi.vp_start_of(p.samplers[0], p.steps)
+    expected = expected_vp_start(tiny_model, p, 0)
+    assert torch.linalg.vector_norm(got - expected) <= 1e-2 * torch.linalg.vector_norm(expected)
+    model = p.scripts.controller.host.cache.get(p.scripts.controller.host.cache.key, None)
+    assert model.dtype == auto_dtype(torch.device("cpu"))

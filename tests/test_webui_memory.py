@@ -33,7 +33,9 @@ def sizes() -> dict[str, int]:
 
 
 def _controller(models_dir: Path, kind: str, gpu_memory: str = "auto", **cmd_opts) -> OMSController:
-    opts = SimpleNamespace(sgm_noise_multiplier=False, oms_gpu_memory=gpu_memory)
+    opts = SimpleNamespace(
+        sgm_noise_multiplier=False, oms_gpu_memory=gpu_memory, oms_dtype="fp32"  # sizes are fp32
+    )
     host = Host(
         kind=kind,
         opts=opts,

@@ -295,29 +295,23 @@ CPU_AUTO = auto_dtype(torch.device("cpu"))  # bf16 where this CPU runs it faster
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "webui", "half_works", "webui_on_cpu", "expected"),
+    ("setting", "device", "webui", "half_works", "expected"),
     [
-        ("auto", "cuda", torch.float16, True, False, torch.float16),
-        ("auto", "cuda", torch.float32, True, False, torch.float32),  # --no-half/--precision full
-        ("auto", "cuda", None, True, False, torch.float16),
-        ("auto", "cuda", torch.float16, False, False, torch.float32),  # fp16 gave NaN here
-        ("auto", "cpu", torch.float16, True, True, torch.float32),  # the WebUI runs fp32 there
-        ("auto", "cpu", torch.float16, True, False, CPU_AUTO),  # OMS moved to the CPU
-        ("fp16", "cpu", None, True, False, torch.float32),  # fp16 is never used on the CPU
-        ("fp16", "cuda", torch.float32, True, False, torch.float16),
-        ("bf16", "cpu", None, True, True, torch.bfloat16),
+        ("auto", "cuda", torch.float16, True, torch.float16),
+        ("auto", "cuda", torch.float32, True, torch.float32),  # --no-half / --precision full
+        ("auto", "cuda", None, True, torch.float16),
+        ("auto", "cuda", torch.float16, False, torch.float32),  # fp16 gave NaN here before
+        ("auto", "cpu", torch.float16, True, CPU_AUTO),
+        ("fp16", "cpu", None, True, torch.float32),  # fp16 is never used on the CPU
+        ("fp16", "cuda", torch.float32, True, torch.float16),
+        ("bf16", "cpu", None, True, torch.bfloat16),
+        ("fp32", "cpu", None, True, torch.float32),
     ],
 )
 def test_precision_follows_the_setting_the_webui_and_the_device(
-    setting, device, webui, half_works, webui_on_cpu, expected
+    setting, device, webui, half_works, expected
 ):
-    got = compute_dtype(
-        Settings(dtype=setting),
-        torch.device(device),
-        webui,
-        half_works=half_works,
-        webui_on_cpu=webui_on_cpu,
-    )
+    got = compute_dtype(Settings(dtype=setting), torch.device(device), webui, half_works=half_works)
     assert got == expected
 
 

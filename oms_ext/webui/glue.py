@@ -296,10 +296,7 @@ class OMSController:
         device = compute_device(settings, self.host.device)
         webui_dtype = self.host.webui_dtype(device) if self.host.webui_dtype else None
         half_works = self.host.cache.half_precision_works(device)
-        webui_on_cpu = torch.device(self.host.device).type == "cpu"
-        dtype = compute_dtype(
-            settings, device, webui_dtype, half_works=half_works, webui_on_cpu=webui_on_cpu
-        )
+        dtype = compute_dtype(settings, device, webui_dtype, half_works=half_works)
         if self.host.kind == "forge":  # "auto": where Forge runs its own text encoders
             saves_vram = forge.keeps_text_encoders_off_its_device()
         else:

@@ -186,7 +186,6 @@ def compute_dtype(
     webui_dtype: torch.dtype | None = None,
     *,
     half_works: bool = True,
-    webui_on_cpu: bool = False,
 ) -> torch.dtype:
     """The precision OMS runs in on ``device``.
 
@@ -194,15 +193,15 @@ def compute_dtype(
     there; fp32 instead). "auto": on a GPU the precision the WebUI itself runs models in
     (``webui_dtype``: A1111's ``devices.dtype`` with ``--no-half`` / ``--precision full``,
     Forge's fp16 check of the device; fp16 when unknown), fp32 once half precision gave NaN on
-    this device (``half_works`` false). On the CPU: as the WebUI when it computes there too
-    (``webui_on_cpu``: float32), else (OMS moved to the CPU by the device setting) bfloat16
-    where the CPU runs it faster (:func:`oms_ext.precision.auto_dtype`), float32 otherwise.
+    this device (``half_works`` false). On the CPU bfloat16 where the CPU runs it faster
+    (:func:`oms_ext.precision.auto_dtype`: AVX512-BF16/AMX; the start latent moves by about
+    5e-4 relative), float32 otherwise.
     """
     if settings.dtype != "auto":
         chosen = DTYPES[settings.dtype]
         return torch.float32 if chosen == torch.float16 and device.type == "cpu" else chosen
     if device.type == "cpu":
-        return torch.float32 if webui_on_cpu else auto_dtype(device)
+        return auto_dtype(device)
     if not half_works:
         return torch.float32
     return webui_dtype if webui_dtype is not None else torch.float16
@@ -210,7 +209,7 @@ def compute_dtype(
 
 def cpu_text_dtype(settings: Settings) -> torch.dtype:
     """The precision of a text encoder moved to the CPU while the module runs on a GPU: bf16
-    or fp32 as set, else (auto, or fp16, never used on the CPU) bf16 where faster."""
+    or fp32 as set, else (auto, or fp16, never used on the CPU) as "auto" on the CPU."""
     if settings.dtype in ("fp32", "bf16"):
         return DTYPES[settings.dtype]
     return auto_dtype(torch.device("cpu"))
