@@ -306,6 +306,7 @@ CPU_AUTO = auto_dtype(torch.device("cpu"))  # bf16 where this CPU runs it faster
         ("fp16", "cuda", torch.float32, True, torch.float16),
         ("bf16", "cpu", None, True, torch.bfloat16),
         ("fp32", "cpu", None, True, torch.float32),
+        ("auto", "cpu", None, False, torch.float32),  # bf16 gave NaN here before
     ],
 )
 def test_precision_follows_the_setting_the_webui_and_the_device(

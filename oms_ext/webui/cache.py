@@ -107,11 +107,6 @@ class ModelCache:
             _empty_device_cache()
             return held - _bytes_on(model, device)
 
-    def clear(self) -> None:
-        """Drop the cached model (e.g. when the checkpoint whose encoder it borrows goes)."""
-        with self._lock:
-            self._release()
-
     def drop_borrowed_from_other_checkpoint(self, checkpoint_id: str) -> bool:
         """Drop the cached model if it borrows the text encoder of a checkpoint other than
         ``checkpoint_id`` (so the old checkpoint's tower is not kept alive); returns whether

@@ -192,18 +192,18 @@ def compute_dtype(
     An explicit setting wins, except that fp16 is never used on the CPU (slow and inexact
     there; fp32 instead). "auto": on a GPU the precision the WebUI itself runs models in
     (``webui_dtype``: A1111's ``devices.dtype`` with ``--no-half`` / ``--precision full``,
-    Forge's fp16 check of the device; fp16 when unknown), fp32 once half precision gave NaN on
-    this device (``half_works`` false). On the CPU bfloat16 where the CPU runs it faster
-    (:func:`oms_ext.precision.auto_dtype`: AVX512-BF16/AMX; the start latent moves by about
-    5e-4 relative), float32 otherwise.
+    Forge's fp16 check of the device; fp16 when unknown); on the CPU bfloat16 where the CPU
+    runs it faster (:func:`oms_ext.precision.auto_dtype`: AVX512-BF16/AMX; the start latent
+    moves by about 5e-4 relative), float32 otherwise; float32 once half precision (fp16 or
+    bf16) gave NaN on this device (``half_works`` false).
     """
     if settings.dtype != "auto":
         chosen = DTYPES[settings.dtype]
         return torch.float32 if chosen == torch.float16 and device.type == "cpu" else chosen
-    if device.type == "cpu":
-        return auto_dtype(device)
     if not half_works:
         return torch.float32
+    if device.type == "cpu":
+        return auto_dtype(device)
     return webui_dtype if webui_dtype is not None else torch.float16
 
 

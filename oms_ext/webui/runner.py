@@ -192,11 +192,11 @@ def _check_batch(inputs: BatchInputs) -> None:
             raise ValueError(f"BatchInputs.{name}: {len(values)} entries for a batch of {batch}")
 
 
-@torch.no_grad()
 def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+@torch.no_grad()
 def run_oms(
     inputs: BatchInputs, args: OMSArgs, load_model: Callable[[bool], OMSModel]
 ) -> Outcome:
