@@ -340,7 +340,6 @@ class OMSController:
         device = torch.device(self.host.device)
         return (lambda: wrap_openclip_tower(tower, compute_device=lambda: device)), checkpoint_id
 
-
     def _a1111_low_vram(self, family: str) -> bool:
         return a1111.low_vram(self.host.cmd_opts, family)
 

@@ -99,8 +99,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "auto",
         "OMS precision",
         DTYPE_CHOICES,
-        help="auto = the WebUI's own precision on a GPU (float32 after a NaN), float32 on the "
-        "CPU; One More Step never uses fp16 on the CPU",
+        help="auto = the WebUI's own precision on a GPU; on the CPU bfloat16 where the CPU "
+        "runs it faster (AVX512-BF16/AMX), else float32; float32 after a NaN. One More Step "
+        "never uses fp16 on the CPU",
     ),
     SettingSpec(
         "oms_gpu_memory",
