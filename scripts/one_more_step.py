@@ -24,7 +24,14 @@ from oms_ext.webui.args import FIELDS, INFOTEXT_FIELDS, NOISE_MODES, OMSArgs
 from oms_ext.webui.glue import Host, OMSController
 from oms_ext.webui.provider import Settings, models_folders
 from oms_ext.webui.registry import module_choices, module_notes, scan_modules
-from oms_ext.webui.ui import TITLE, build_ui, register_settings, register_xyz_axes
+from oms_ext.webui.ui import (
+    TITLE,
+    build_ui,
+    follow_checkpoint_list,
+    is_checkpoint_list,
+    register_settings,
+    register_xyz_axes,
+)
 
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
 IS_FORGE = importlib.util.find_spec("modules_forge") is not None
@@ -44,13 +51,26 @@ def _choices() -> list[str]:
     return module_choices(scan_modules(_folders()))
 
 
-def _module_notes(choice: str) -> str:
+def _module_notes(choice: str, checkpoint: str | None = None) -> str:
+    """The notes under the module list, judged by the checkpoint the next generation uses:
+    ``checkpoint`` (a title just picked in the checkpoint list), else Forge's selection."""
     sd_model = getattr(shared, "sd_model", None)
-    if IS_FORGE:
-        family = forge.notes_family(sd_model, _forge_selected_checkpoint())
+    if checkpoint:
+        selected = _checkpoint_file(checkpoint)
+    elif IS_FORGE:
+        selected = _forge_selected_checkpoint()
     else:
-        family = a1111.model_family(sd_model) if sd_model is not None else None
+        selected = None
+    family = (forge if IS_FORGE else a1111).notes_family(sd_model, selected)
     return module_notes(choice, _folders(), family)
+
+
+def _checkpoint_file(title: str) -> Path | None:
+    """The file of a checkpoint list entry (A1111 and Forge ``sd_models``)."""
+    from modules import sd_models
+
+    filename = getattr(sd_models.get_closet_checkpoint_match(title), "filename", None)
+    return Path(filename) if filename else None
 
 
 def _forge_selected_checkpoint() -> Path | None:
@@ -103,6 +123,13 @@ class OneMoreStepScript(scripts.Script):
     def ui(self, is_img2img: bool):
         built = build_ui(gr, _input_accordion(), _choices, __version__, _module_notes)
         self.infotext_fields = built.infotext_fields
+
+        def follow(component, **kwargs) -> None:
+            # the checkpoint list is built after the txt2img tab, at the top of the page
+            if is_checkpoint_list(kwargs):
+                follow_checkpoint_list(gr, component, built, _module_notes)
+
+        script_callbacks.on_after_component(follow)  # cleared with every UI (re)build
         self.paste_field_names = [f.label for f in INFOTEXT_FIELDS]
         return built.inputs
 

@@ -206,7 +206,7 @@ def test_forge_sd2_encoder_sends_ids_where_forge_runs_text_encoders(forge_backen
 )
 def test_a_checkpoint_files_family_is_told_by_its_tensor_names(key, family):
     keys = ["model.diffusion_model.out.2.weight", key]
-    assert forge.checkpoint_family_from_keys(keys) == family
+    assert a1111.checkpoint_family_from_keys(keys) == family
 
 
 def _checkpoint_file(path: Path, key: str) -> Path:
@@ -237,9 +237,24 @@ def test_notes_judge_by_the_selected_checkpoint_until_forge_has_loaded_it(tmp_pa
     assert forge.notes_family(loaded_sd15, sdxl) == "sdxl"
 
 
+def test_a1111_notes_judge_by_the_checkpoint_just_picked(tmp_path):
+    """A1111 loads a picked checkpoint at once, but the notes are redrawn meanwhile: the
+    picked file tells the family until the model loaded is that file."""
+    sd15 = _checkpoint_file(
+        tmp_path / "sd15.safetensors", "cond_stage_model.transformer.text_model.x"
+    )
+    sdxl = _checkpoint_file(tmp_path / "xl.safetensors", "conditioner.embedders.0.transformer.x")
+    info = SimpleNamespace(filename=str(sd15))
+    loaded_sd15 = SimpleNamespace(is_sd1=True, sd_checkpoint_info=info)
+    assert a1111.notes_family(loaded_sd15, None) == "sd1"
+    assert a1111.notes_family(loaded_sd15, sd15) == "sd1"
+    assert a1111.notes_family(loaded_sd15, sdxl) == "sdxl"
+    assert a1111.notes_family(None, None) is None
+
+
 def test_a_file_that_does_not_tell_its_family_gives_none(tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 4)
-    assert forge.checkpoint_file_family(broken) is None
-    assert forge.checkpoint_file_family(tmp_path / "missing.safetensors") is None
-    assert forge.checkpoint_file_family(tmp_path / "old.ckpt") is None
+    assert a1111.checkpoint_file_family(broken) is None
+    assert a1111.checkpoint_file_family(tmp_path / "missing.safetensors") is None
+    assert a1111.checkpoint_file_family(tmp_path / "old.ckpt") is None

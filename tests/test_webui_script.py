@@ -61,6 +61,7 @@ def script_module(monkeypatch, tmp_path):
                     "on_app_started",
                     "on_model_loaded",
                     "on_script_unloaded",
+                    "on_after_component",
                 )
             }
         ),
@@ -81,6 +82,7 @@ def script_module(monkeypatch, tmp_path):
 
 
 def test_script_registers_settings_xyz_and_api_callbacks_once(script_module):
+    """At import; the UI adds its after-component callback when it is built."""
     assert {k: len(v) for k, v in script_module.callbacks.items()} == {
         "on_ui_settings": 1,
         "on_before_ui": 1,
@@ -175,3 +177,76 @@ def test_module_notes_on_forge_warn_before_the_checkpoint_is_loaded(script_modul
     assert "OMS will be skipped" not in script_module._module_notes("Auto")
     sys.modules["modules.sd_models"].model_data = SimpleNamespace()  # forks without it
     assert "OMS will be skipped" not in script_module._module_notes("oms_b_openclip_xl")
+
+
+def _checkpoints(tmp_path, loaded_key):
+    """An SD1.5 and an SDXL checkpoint file, the list A1111 1.10.1's ``sd_models``
+    ``get_closet_checkpoint_match(title)`` looks titles up in (exact titles here), and a loaded
+    model of ``loaded_key``'s file."""
+    from safetensors.torch import save_file
+
+    files = {}
+    for name, key in (
+        ("sd15", "cond_stage_model.transformer.text_model.x"),
+        ("xl", "conditioner.embedders.0.transformer.x"),
+    ):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({key: torch.zeros(1)}, files[name])
+    infos = {
+        f"{name}.safetensors [0123456789]": SimpleNamespace(filename=str(file))
+        for name, file in files.items()
+    }
+    sd_models = sys.modules["modules.sd_models"]
+    sd_models.get_closet_checkpoint_match = infos.get
+    loaded = files[loaded_key]
+    # Forge f2: the selection it loads at the next Generate
+    sd_models.model_data = SimpleNamespace(
+        forge_loading_parameters={"checkpoint_info": SimpleNamespace(filename=str(loaded))}
+    )
+    sys.modules["modules.shared"].sd_model = SimpleNamespace(
+        is_sd1=True, sd_checkpoint_info=SimpleNamespace(filename=str(loaded))
+    )
+
+
+def _build_page(script_module, **checkpoint_list_kwargs):
+    """Build the script's UI, then the checkpoint list as the WebUI does after the txt2img
+    tab, through the after-component callbacks (``modules.gradio_extensons``)."""
+    from tests.test_webui_ui import Component
+
+    script_module.OneMoreStepScript().ui(False)
+    checkpoint_list = Component("Dropdown", **checkpoint_list_kwargs)
+    for callback in script_module.callbacks["on_after_component"]:
+        callback(checkpoint_list, **checkpoint_list_kwargs)
+    return checkpoint_list
+
+
+@pytest.mark.parametrize(
+    ("webui", "list_kwargs"),
+    [
+        # A1111 1.10.1 modules.ui_settings.create_setting_component (quick setting)
+        ("a1111", {"elem_id": "setting_sd_model_checkpoint", "label": "SD checkpoint"}),
+        # Forge f2 modules_forge.main_entry.make_checkpoint_manager_ui
+        ("forge", {"label": "Checkpoint", "elem_classes": ["model_selection"]}),
+    ],
+)
+def test_picking_another_checkpoint_redraws_the_module_notes(
+    script_module, tmp_path, webui, list_kwargs
+):
+    _checkpoints(tmp_path, loaded_key="sd15")
+    script_module.IS_FORGE = webui == "forge"
+    if webui == "forge":
+        sys.modules["modules.shared"].sd_model.forge_objects = SimpleNamespace()
+    checkpoint_list = _build_page(script_module, **list_kwargs)
+    (redraw, inputs, outputs), = checkpoint_list.changes
+    assert inputs[0] is checkpoint_list and outputs[0].kwargs["elem_id"] == "oms_module_notes"
+    # the SD1.x module while SDXL is picked (still loading, or loaded at Generate)
+    notes = redraw("xl.safetensors [0123456789]", "oms_b_openclip_15_21")["value"]
+    assert "OMS will be skipped" in notes
+    notes = redraw("sd15.safetensors [0123456789]", "oms_b_openclip_15_21")["value"]
+    assert "OMS will be skipped" not in notes
+
+
+def test_other_lists_do_not_redraw_the_module_notes(script_module, tmp_path):
+    _checkpoints(tmp_path, loaded_key="sd15")
+    vae_list = _build_page(script_module, elem_id="setting_sd_vae", label="SD VAE")
+    assert vae_list.changes == []

@@ -31,7 +31,7 @@ class Component:
     def click(self, fn, inputs, outputs):
         self.clicks.append((fn, inputs, outputs))
 
-    def change(self, fn, inputs, outputs):
+    def change(self, fn, inputs, outputs, **options):
         self.changes.append((fn, inputs, outputs))
 
 

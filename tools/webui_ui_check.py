@@ -17,6 +17,9 @@ Checks, in this order (one PASS/FAIL line each, exit status 1 if any fails):
   pass ``oms_b_openclip_15_21`` for an SDXL checkpoint) warns "OMS will be skipped: ..."
   before anything is generated, ``--module`` and "Auto" do not; the refresh button keeps the
   choice and the notes;
+* with ``--other-checkpoint TITLE`` (a checkpoint of the other family in the WebUI's list):
+  picking it in the checkpoint list clears the warning for ``--skip-module`` and picking the
+  first checkpoint again brings it back (A1111 loads each pick: allow minutes for SDXL);
 * a generation with ``--skip-module``: "One More Step skipped: ..." shows under the result
   (the WebUI's comments) and the infotext says "OMS skipped";
 * a generation with OMS on and ``--module``: the infotext records OMS, its prompt, CFG and
@@ -62,6 +65,8 @@ PAGE_WIDTH = 1280
 PREVIEW_INFO = "One More Step preview of image"
 SKIP_COMMENT = "One More Step skipped:"
 FIT_WARNING = "OMS will be skipped:"
+#: The WebUI's checkpoint list: A1111's quick setting, Forge f2's own dropdown.
+CHECKPOINT_LIST = "#setting_sd_model_checkpoint, .model_selection"
 #: What a module line in the notes ends with: where the module is.
 MODULE_STATES = ("on disk", "not downloaded")
 SEARCHES = ("OMS", "One More Step")
@@ -133,8 +138,14 @@ def dropdown_value(page: Page, elem_id: str) -> str:
 
 def choose(page: Page, elem_id: str, value: str) -> None:
     """Pick ``value`` from a gradio dropdown (3.41 and 4.x: a list of options under it)."""
-    page.locator(f"#{elem_id} input").first.click()
-    options = page.locator(f"#{elem_id} ul.options li")
+    choose_in(page, f"#{elem_id}", value)
+
+
+def choose_in(page: Page, selector: str, value: str) -> None:
+    """:func:`choose` for the first dropdown matching a CSS ``selector``."""
+    block = page.locator(selector).first
+    block.locator("input").first.click()
+    options = block.locator("ul.options li")
     options.first.wait_for(state="visible")
     exact = re.compile(rf"^\W*{re.escape(value)}\s*$")
     options.filter(has_text=exact).first.click()
@@ -339,6 +350,46 @@ def check_notes(
     check("refresh keeps every module in the list", names == modules, str(names))
 
 
+def wait_for_notes(page: Page, warned: bool, timeout_s: float = 60.0) -> str:
+    """The module notes once they do (``warned``) or do not carry the fit warning, or as they
+    are after ``timeout_s``: redrawn by an event that shows no progress overlay."""
+    deadline = time.monotonic() + timeout_s
+    text = notes_text(page)
+    while (FIT_WARNING in text) != warned and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+        text = notes_text(page)
+    return text
+
+
+def check_checkpoint_switch(
+    page: Page, skip_module: str, other: str, loaded: str, check: Check
+) -> None:
+    """Picking another checkpoint in the WebUI's list redraws the module notes, judged by the
+    picked checkpoint: ``skip_module`` fits ``other`` (a checkpoint of the other family), so
+    its warning goes, and comes back with the first checkpoint. A1111 loads each pick.
+    ``loaded``: the loaded checkpoint's title (``sd_model_checkpoint``), for a list that shows
+    none (Forge f2 started with ``--ckpt``: its list holds short names)."""
+    checkpoint_list = CHECKPOINT_LIST
+    shown = page.locator(checkpoint_list).first.locator("input").first.input_value()
+    original = shown or loaded.split(" [", 1)[0]
+    warned = choose_module(page, skip_module)
+    check(f"notes: {skip_module} warned with {original}", FIT_WARNING in warned, original)
+    choose_in(page, checkpoint_list, other)
+    calm = wait_for_notes(page, warned=False)
+    check(
+        f"notes: picking {other} in the checkpoint list clears the warning",
+        FIT_WARNING not in calm,
+        calm.splitlines()[0] if calm else "",
+    )
+    choose_in(page, checkpoint_list, original)
+    again = wait_for_notes(page, warned=True, timeout_s=300)
+    check(
+        f"notes: picking {original} again warns again",
+        FIT_WARNING in again,
+        again.splitlines()[0] if again else "",
+    )
+
+
 def _note_line(text: str, module: str) -> str | None:
     for line in text.splitlines():
         if line.strip().startswith(f"{module} - "):
@@ -474,6 +525,11 @@ def main() -> int:
         default="oms_b_openclip_xl",
         help="a module that cannot run with the loaded checkpoint (default: the SDXL one)",
     )
+    parser.add_argument(
+        "--other-checkpoint",
+        help="title in the checkpoint list of a checkpoint that --skip-module fits (an SDXL "
+        "one by default); checks that picking it redraws the module notes",
+    )
     parser.add_argument("--screenshots", type=Path, help="folder for the PNG screenshots")
     parser.add_argument("--name", help="WebUI name in the screenshot names (forge/a1111)")
     parser.add_argument("--chromium", default=None, help="Chromium executable")
@@ -525,6 +581,17 @@ def main() -> int:
         guarded(
             "module notes", lambda: check_notes(page, modules, args.module, args.skip_module, check)
         )
+        if args.other_checkpoint:
+            guarded(
+                "checkpoint switch",
+                lambda: check_checkpoint_switch(
+                    page,
+                    args.skip_module,
+                    args.other_checkpoint,
+                    page.request.get(f"{url}/sdapi/v1/options").json()["sd_model_checkpoint"],
+                    check,
+                ),
+            )
 
         def skipped_run() -> None:
             choose(page, "oms_module", args.skip_module)

@@ -17,11 +17,13 @@ Hooking, one mechanism per version so OMS runs exactly once per batch:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from oms_ext.loading import OMSLoadError, read_header
 from oms_ext.prompt_syntax import EMPHASIS_MODES, PromptSyntax, TextRules
 from oms_ext.webui.runner import BatchInputs, ImageSeeds
 from oms_ext.webui.samplers import sampler_start
@@ -40,6 +42,60 @@ def model_family(sd_model: Any) -> str:
         if getattr(sd_model, flag, False):
             return family
     return "unknown"
+
+
+#: Key prefixes of a single-file checkpoint (LDM layout) that tell its family.
+_CHECKPOINT_KEY_FAMILIES = (
+    ("conditioner.embedders.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd1"),
+)
+
+
+def checkpoint_family_from_keys(keys: Iterable[str]) -> str | None:
+    """The family of a single-file checkpoint from its tensor names: SDXL's ``conditioner``,
+    SD2's OpenCLIP and SD1's CLIP text encoder keys, SD3's ``joint_blocks``, Flux's
+    ``double_blocks``; None when they do not tell (a UNet-only file, another layout)."""
+    keys = list(keys)
+    for prefix, family in _CHECKPOINT_KEY_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
+        return "sd3"
+    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        return "flow"
+    return None
+
+
+def checkpoint_file_family(path: Path) -> str | None:
+    """:func:`checkpoint_family_from_keys` of a ``.safetensors`` checkpoint (header only);
+    None for other files and unreadable ones."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        shapes, _ = read_header(path)
+    except (OMSLoadError, OSError):
+        return None
+    return checkpoint_family_from_keys(shapes)
+
+
+def judged_family(loaded_family: str | None, sd_model: Any, selected: Path | None) -> str | None:
+    """The family of the checkpoint the next generation uses: ``loaded_family`` (of
+    ``sd_model``; None when no model is loaded) while ``selected`` (the checkpoint file the
+    user picked; None when unknown) is the loaded file, else the family read from the
+    selected file's tensor names; None when nothing tells."""
+    loaded_file = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+    if loaded_family is not None and (selected is None or str(selected) == str(loaded_file)):
+        return loaded_family
+    return checkpoint_file_family(selected) if selected is not None else None
+
+
+def notes_family(sd_model: Any, selected: Path | None) -> str | None:
+    """The checkpoint family the module notes judge a choice by. A1111 loads a checkpoint
+    as soon as it is picked in the list (``modules.ui_settings`` ``run_settings_single``), so
+    the notes, redrawn on that pick, read the picked file while the load is under way."""
+    loaded_family = model_family(sd_model) if sd_model is not None else None
+    return judged_family(loaded_family, sd_model, selected)
 
 
 def pass_note(p: Any) -> str | None:

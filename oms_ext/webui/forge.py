@@ -13,16 +13,16 @@ OMS module is registered with it through a ModelPatcher. Those imports happen in
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oms_ext.loading import OMSLoadError, OMSModel, read_header
+from oms_ext.loading import OMSModel
 from oms_ext.prompt_syntax import PromptSyntax
 from oms_ext.text import SD2_OMS_LAYERS, Prompt, PromptEncoder, wrap_transformers_clip
-from oms_ext.webui.a1111 import collect_batch_inputs
+from oms_ext.webui.a1111 import collect_batch_inputs, judged_family
 from oms_ext.webui.a1111 import model_family as _flag_family
 from oms_ext.webui.runner import BatchInputs
 
@@ -69,41 +69,6 @@ def model_family(sd_model: Any) -> str:
     return family
 
 
-#: Key prefixes of a single-file checkpoint (LDM layout) that tell its family.
-_CHECKPOINT_KEY_FAMILIES = (
-    ("conditioner.embedders.", "sdxl"),
-    ("cond_stage_model.model.", "sd2"),
-    ("cond_stage_model.transformer.", "sd1"),
-)
-
-
-def checkpoint_family_from_keys(keys: Iterable[str]) -> str | None:
-    """The family of a single-file checkpoint from its tensor names: SDXL's ``conditioner``,
-    SD2's OpenCLIP and SD1's CLIP text encoder keys, SD3's ``joint_blocks``, Flux's
-    ``double_blocks``; None when they do not tell (a UNet-only file, another layout)."""
-    keys = list(keys)
-    for prefix, family in _CHECKPOINT_KEY_FAMILIES:
-        if any(k.startswith(prefix) for k in keys):
-            return family
-    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        return "sd3"
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        return "flow"
-    return None
-
-
-def checkpoint_file_family(path: Path) -> str | None:
-    """:func:`checkpoint_family_from_keys` of a ``.safetensors`` checkpoint (header only);
-    None for other files and unreadable ones."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    try:
-        shapes, _ = read_header(path)
-    except (OMSLoadError, OSError):
-        return None
-    return checkpoint_family_from_keys(shapes)
-
-
 def notes_family(sd_model: Any, selected: Path | None) -> str | None:
     """The checkpoint family the module notes judge a choice by: the one the next generation
     uses. Forge f2 loads the selected checkpoint only when Generate is pressed (until then
@@ -111,11 +76,7 @@ def notes_family(sd_model: Any, selected: Path | None) -> str | None:
     loaded, or the checkpoint list names another file (``selected``), the family is read
     from that file's tensor names; None when nothing tells."""
     loaded = getattr(sd_model, "forge_objects", None) is not None
-    info = getattr(sd_model, "sd_checkpoint_info", None)
-    loaded_file = getattr(info, "filename", None)
-    if loaded and (selected is None or str(selected) == str(loaded_file)):
-        return model_family(sd_model)
-    return checkpoint_file_family(selected) if selected is not None else None
+    return judged_family(model_family(sd_model) if loaded else None, sd_model, selected)
 
 
 def batch_inputs(

@@ -147,6 +147,40 @@ def build_ui(
     return Built(inputs, module, notes, pairs)
 
 
+#: How the checkpoint list is made: A1111 1.6-1.10, reForge and Forge Classic build it as the
+#: quick setting ``sd_model_checkpoint`` (``modules.ui_settings`` ``create_setting_component``:
+#: ``elem_id=f"setting_{key}"``); Forge f2 as ``modules_forge.main_entry`` ``ui_checkpoint``,
+#: a Dropdown labelled "Checkpoint" of class "model_selection" without an elem_id.
+CHECKPOINT_ELEM_ID = "setting_sd_model_checkpoint"
+FORGE_CHECKPOINT = ("Checkpoint", "model_selection")
+
+
+def is_checkpoint_list(component_kwargs: dict[str, Any]) -> bool:
+    """Whether a component built with ``component_kwargs`` (as the WebUI's after-component
+    callback passes them) is the WebUI's checkpoint list."""
+    if component_kwargs.get("elem_id") == CHECKPOINT_ELEM_ID:
+        return True
+    label, css_class = FORGE_CHECKPOINT
+    classes = component_kwargs.get("elem_classes") or []
+    classes = [classes] if isinstance(classes, str) else classes
+    return component_kwargs.get("label") == label and css_class in classes
+
+
+def follow_checkpoint_list(
+    gr: Any, checkpoint_list: Any, built: Built, module_notes: Callable[[str, str], str]
+) -> None:
+    """Redraw the module notes when another checkpoint is picked, so a module that does not
+    fit it is flagged before Generate. ``module_notes(choice, checkpoint)`` judges the module
+    choice by the picked checkpoint (the list's value, a checkpoint title), not by the model
+    still loaded: the WebUI loads the new one meanwhile (A1111) or at Generate (Forge f2)."""
+    checkpoint_list.change(
+        fn=lambda checkpoint, choice: gr.update(value=module_notes(choice, checkpoint)),
+        inputs=[checkpoint_list, built.module_dropdown],
+        outputs=[built.module_notes],
+        show_progress=False,
+    )
+
+
 def register_settings(
     opts: Any, gr: Any, option_info: Any, categories: Any | None = None
 ) -> None:
