@@ -247,7 +247,7 @@ def module_status(name: str, local: Sequence[LocalModule], models_dir: Path) -> 
     "oms_b_openclip_xl - SDXL - 308 MB + 681 MB text encoder - not downloaded"."""
     if name == AUTO_MODULE:
         return (
-            f"{AUTO_MODULE} - the module made for the loaded checkpoint: "
+            f"{AUTO_MODULE} - the module made for the checkpoint in use: "
             + ", ".join(f"{AUTO_BY_FAMILY[f]} for {FAMILY_NAMES[f]}" for f in AUTO_BY_FAMILY)
         )
     on_disk = {m.name: m for m in local}
@@ -283,14 +283,14 @@ def fit_warning(choice: str, family: Family) -> str | None:
     if known is None or family not in AUTO_BY_FAMILY or family in known.families:
         return None
     return (
-        f"{choice} is made for {_purpose(known)} checkpoints, the loaded one is "
+        f"{choice} is made for {_purpose(known)} checkpoints, the chosen checkpoint is "
         f"{FAMILY_NAMES[family]}: choose {AUTO_MODULE} or a matching module"
     )
 
 
 def module_notes(choice: str, folders: Sequence[Path], family: Family | None) -> str:
     """The text under the module list (Markdown): a warning when ``choice`` does not fit the
-    loaded checkpoint's ``family`` (None: no checkpoint known), then one line per choice
+    ``family`` of the checkpoint chosen in the WebUI (None: none known), then one line per choice
     (:func:`module_status`)."""
     local = scan_modules(folders)
     lines = [f"- {module_status(name, local, folders[0])}" for name in module_choices(local)]

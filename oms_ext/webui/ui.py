@@ -63,7 +63,7 @@ def build_ui(
     """Build the accordion (closed by default). ``input_accordion`` is the WebUI's
     ``InputAccordion`` (A1111 >= 1.6, Forge) or None (then an Accordion holding a checkbox).
     ``module_notes(choice)``: the text under the module list (what each module is for, what
-    is on disk, a warning when ``choice`` does not fit the loaded checkpoint); it is redrawn
+    is on disk, a warning when ``choice`` does not fit the chosen checkpoint); it is redrawn
     when the choice changes and on refresh.
 
     Layout (usable from 800 px wide): prompt, negative prompt, the module list with its
