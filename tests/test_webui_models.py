@@ -34,6 +34,7 @@ from oms_ext.webui.provider import (
 from oms_ext.webui.registry import (
     AUTO_MODULE,
     MODULE_FILES,
+    fit_warning,
     module_choices,
     resolve_module,
     scan_modules,
@@ -66,9 +67,11 @@ def test_auto_on_an_unsupported_family_says_so(tmp_path):
         resolve_module(AUTO_MODULE, "sd3", [tmp_path])
 
 
-def test_a_known_module_for_the_wrong_family_is_refused(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="sdxl"):
+def test_a_known_module_for_the_wrong_family_is_refused_in_the_notes_words(tmp_path):
+    with pytest.raises(UnsupportedModelError) as refused:
         resolve_module("oms_b_openclip_xl", "sd1", [tmp_path])
+    assert refused.value.reason == fit_warning("oms_b_openclip_xl", "sd1")
+    assert "made for SDXL checkpoints, the chosen checkpoint is SD1.x" in refused.value.reason
 
 
 def test_missing_known_module_resolves_to_the_first_models_folder(tmp_path):

@@ -156,11 +156,13 @@ def notes_text(page: Page) -> str:
     return page.locator("#oms_module_notes").first.inner_text()  # gradio 3.41 repeats the id
 
 
-def redrawn(page: Page, elem_id: str, timeout_ms: int = 15_000) -> None:
+def redrawn(page: Page, elem_id: str, timeout_ms: int = 15_000, selector: str = "") -> None:
     """Wait until the server has redrawn a gradio output after an event: its progress
     overlay (the block's ``.wrap`` child, hidden when idle) appears, then hides again. An
-    update quicker than the polling passes after 1.5 s."""
-    overlay = page.locator(f"#{elem_id} > .wrap").first
+    update quicker than the polling passes after 1.5 s. ``selector``: the block, if not
+    ``#elem_id``."""
+    block = selector or f"#{elem_id}"
+    overlay = page.locator(f"{block} > .wrap").first
 
     def busy() -> bool:
         return "hide" not in (overlay.get_attribute("class") or "hide").split()
@@ -376,13 +378,17 @@ def check_checkpoint_switch(
     check(f"notes: {skip_module} warned with {original}", FIT_WARNING in warned, original)
     choose_in(page, checkpoint_list, other)
     calm = wait_for_notes(page, warned=False)
+    # A1111 loads the pick meanwhile; a user waits for that before picking again (a pick
+    # during a load is lost there: the list shows it, the model stays the one loading)
+    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list.split(",")[0])
     check(
         f"notes: picking {other} in the checkpoint list clears the warning",
         FIT_WARNING not in calm,
         calm.splitlines()[0] if calm else "",
     )
     choose_in(page, checkpoint_list, original)
-    again = wait_for_notes(page, warned=True, timeout_s=300)
+    again = wait_for_notes(page, warned=True)
+    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list.split(",")[0])
     check(
         f"notes: picking {original} again warns again",
         FIT_WARNING in again,

@@ -204,10 +204,7 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
     name = auto_module(family) if choice == AUTO_MODULE else choice
     known = KNOWN_BY_NAME.get(name)
     if known is not None and family in AUTO_BY_FAMILY and family not in known.families:
-        raise UnsupportedModelError(
-            f"OMS module {name} was trained for {'/'.join(known.families)} latents, but the "
-            f"loaded checkpoint is {family}; choose 'Auto' or a matching module"
-        )
+        raise UnsupportedModelError(str(fit_warning(name, family)))  # the notes' words
     local = {m.name: m for m in scan_modules(folders)}
     if name in local:
         return ResolvedModule(name, known, local[name].path, present=True)
