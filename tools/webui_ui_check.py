@@ -66,7 +66,7 @@ PREVIEW_INFO = "One More Step preview of image"
 SKIP_COMMENT = "One More Step skipped:"
 FIT_WARNING = "OMS will be skipped:"
 #: The WebUI's checkpoint list: A1111's quick setting, Forge f2's own dropdown.
-CHECKPOINT_LIST = "#setting_sd_model_checkpoint, .model_selection"
+CHECKPOINT_LIST = ("#setting_sd_model_checkpoint", ".model_selection")
 #: What a module line in the notes ends with: where the module is.
 MODULE_STATES = ("on disk", "not downloaded")
 SEARCHES = ("OMS", "One More Step")
@@ -163,6 +163,8 @@ def redrawn(page: Page, elem_id: str, timeout_ms: int = 15_000, selector: str = 
     ``#elem_id``."""
     block = selector or f"#{elem_id}"
     overlay = page.locator(f"{block} > .wrap").first
+    if overlay.count() == 0:  # a block without a progress overlay: nothing to wait for
+        return
 
     def busy() -> bool:
         return "hide" not in (overlay.get_attribute("class") or "hide").split()
@@ -371,7 +373,7 @@ def check_checkpoint_switch(
     its warning goes, and comes back with the first checkpoint. A1111 loads each pick.
     ``loaded``: the loaded checkpoint's title (``sd_model_checkpoint``), for a list that shows
     none (Forge f2 started with ``--ckpt``: its list holds short names)."""
-    checkpoint_list = CHECKPOINT_LIST
+    checkpoint_list = next(s for s in CHECKPOINT_LIST if page.locator(s).count())
     shown = page.locator(checkpoint_list).first.locator("input").first.input_value()
     original = shown or loaded.split(" [", 1)[0]
     warned = choose_module(page, skip_module)
@@ -380,7 +382,7 @@ def check_checkpoint_switch(
     calm = wait_for_notes(page, warned=False)
     # A1111 loads the pick meanwhile; a user waits for that before picking again (a pick
     # during a load is lost there: the list shows it, the model stays the one loading)
-    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list.split(",")[0])
+    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list)
     check(
         f"notes: picking {other} in the checkpoint list clears the warning",
         FIT_WARNING not in calm,
@@ -388,7 +390,7 @@ def check_checkpoint_switch(
     )
     choose_in(page, checkpoint_list, original)
     again = wait_for_notes(page, warned=True)
-    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list.split(",")[0])
+    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list)
     check(
         f"notes: picking {original} again warns again",
         FIT_WARNING in again,
