@@ -69,8 +69,7 @@ def _checkpoint_file(title: str) -> Path | None:
     """The file of a checkpoint list entry (A1111 and Forge ``sd_models``)."""
     from modules import sd_models
 
-    filename = getattr(sd_models.get_closet_checkpoint_match(title), "filename", None)
-    return Path(filename) if filename else None
+    return _file_of(sd_models.get_closet_checkpoint_match(title))
 
 
 def _forge_selected_checkpoint() -> Path | None:
@@ -78,7 +77,12 @@ def _forge_selected_checkpoint() -> Path | None:
     from modules import sd_models
 
     parameters = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
-    filename = getattr(parameters.get("checkpoint_info"), "filename", None)
+    return _file_of(parameters.get("checkpoint_info"))
+
+
+def _file_of(checkpoint_info) -> Path | None:
+    """The file of a ``sd_models.CheckpointInfo`` (None for None or one without a file)."""
+    filename = getattr(checkpoint_info, "filename", None)
     return Path(filename) if filename else None
 
 

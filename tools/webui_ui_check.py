@@ -156,13 +156,11 @@ def notes_text(page: Page) -> str:
     return page.locator("#oms_module_notes").first.inner_text()  # gradio 3.41 repeats the id
 
 
-def redrawn(page: Page, elem_id: str, timeout_ms: int = 15_000, selector: str = "") -> None:
-    """Wait until the server has redrawn a gradio output after an event: its progress
-    overlay (the block's ``.wrap`` child, hidden when idle) appears, then hides again. An
-    update quicker than the polling passes after 1.5 s. ``selector``: the block, if not
-    ``#elem_id``."""
-    block = selector or f"#{elem_id}"
-    overlay = page.locator(f"{block} > .wrap").first
+def redrawn(page: Page, selector: str, timeout_ms: int = 15_000) -> None:
+    """Wait until the server has redrawn a gradio block (CSS ``selector``) after an event: its
+    progress overlay (the block's ``.wrap`` child, hidden when idle) appears, then hides
+    again. An update quicker than the polling passes after 1.5 s."""
+    overlay = page.locator(f"{selector} > .wrap").first
     if overlay.count() == 0:  # a block without a progress overlay: nothing to wait for
         return
 
@@ -180,7 +178,7 @@ def redrawn(page: Page, elem_id: str, timeout_ms: int = 15_000, selector: str = 
 def choose_module(page: Page, value: str) -> str:
     """Pick an OMS module and return the notes the server redrew for it."""
     choose(page, "oms_module", value)
-    redrawn(page, "oms_module_notes")
+    redrawn(page, "#oms_module_notes")
     return notes_text(page)
 
 
@@ -339,7 +337,7 @@ def check_notes(
 
     choose_module(page, module)
     page.locator("#oms_refresh").click()
-    redrawn(page, "oms_module_notes")
+    redrawn(page, "#oms_module_notes")
     after = notes_text(page)
     kept = dropdown_value(page, "oms_module") == module and all(
         _note_line(after, m) is not None for m in modules
@@ -382,7 +380,7 @@ def check_checkpoint_switch(
     calm = wait_for_notes(page, warned=False)
     # A1111 loads the pick meanwhile; a user waits for that before picking again (a pick
     # during a load is lost there: the list shows it, the model stays the one loading)
-    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list)
+    redrawn(page, checkpoint_list, timeout_ms=900_000)
     check(
         f"notes: picking {other} in the checkpoint list clears the warning",
         FIT_WARNING not in calm,
@@ -390,7 +388,7 @@ def check_checkpoint_switch(
     )
     choose_in(page, checkpoint_list, original)
     again = wait_for_notes(page, warned=True)
-    redrawn(page, "", timeout_ms=900_000, selector=checkpoint_list)
+    redrawn(page, checkpoint_list, timeout_ms=900_000)
     check(
         f"notes: picking {original} again warns again",
         FIT_WARNING in again,

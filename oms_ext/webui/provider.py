@@ -356,7 +356,7 @@ def _load(
         dual=spec.dual,
         models_dir=models_dir,
         device=request.text_device or device,
-        dtype=text["text_dtype"] or dtype,
+        dtype=request.text_dtype or dtype,
     )
     return load_oms(path, device, dtype, text_encoder=encoder, owns_text_encoder=True, **text)
 
