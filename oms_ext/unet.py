@@ -314,7 +314,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)
 
 
 class TransformerBlock(nn.Module):
@@ -360,11 +360,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.norm(x)
-        if not self.linear:
-            t = self.proj_in(t)
-        t = t.flatten(2).transpose(1, 2)
         if self.linear:
-            t = self.proj_in(t)
+            t = self.proj_in(t.flatten(2).transpose(1, 2))
+        else:
+            # One copy to dense [B, H*W, C] rows: left as a channels-major view, every
+            # LayerNorm in the blocks would copy it again and every residual add would stride.
+            t = self.proj_in(t).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             t = block(t, context)
         if self.linear:
