@@ -272,10 +272,11 @@ class ResnetBlock(nn.Module):
         self.out_scale = out_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # In place on fresh tensors: at 1024x1024 px each new activation is 40+ MB to fault in.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
+        out = h.add_(skip)
         return out if self.out_scale == 1.0 else out / self.out_scale
 
 
