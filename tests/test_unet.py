@@ -9,6 +9,8 @@ import torch
 
 from oms_ext.unet import (
     OMSUNet,
+    ResnetBlock,
+    SpatialTransformer,
     UNetConfig,
     build_unet,
     config_from_state_dict_shapes,
@@ -87,6 +89,26 @@ def test_guidance_branches_sharing_the_latent_equal_a_repeated_latent_batch(
         shared = unet(x, context)
         repeated = unet(torch.cat([x, x]), context)
     torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=0)
+
+
+def test_in_place_activations_leave_every_block_input_and_skip_tensor_unchanged() -> None:
+    unet = _random_tiny()
+    blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock | SpatialTransformer)]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [
+        b.register_forward_pre_hook(lambda _m, args: seen.append((args[0], args[0].clone())))
+        for b in blocks
+    ]
+    x = torch.randn(1, 4, 16, 16)
+    x_before = x.clone()
+    with torch.no_grad():
+        unet(x, torch.randn(2, 77, 32))
+    for h in handles:
+        h.remove()
+    assert len(seen) >= len(blocks)
+    for given, before in seen:
+        torch.testing.assert_close(given, before, atol=0, rtol=0)
+    torch.testing.assert_close(x, x_before, atol=0, rtol=0)
 
 
 def test_context_batch_that_is_no_multiple_of_the_latent_batch_raises() -> None:
