@@ -31,6 +31,8 @@ VERSION_KEY = "OMS version"
 ALPHA_BAR_KEY = "OMS alpha_bar0"
 SKIPPED_KEY = "OMS skipped"
 NOTE_KEY = "OMS note"
+#: What every OMS axis name in the XYZ grid starts with.
+XYZ_PREFIX = "[OMS]"
 
 AxisKind = Literal["bool", "str", "float", "module", "noise_mode"]
 
@@ -51,8 +53,11 @@ class Field:
     @property
     def axis_label(self) -> str:
         """The XYZ-grid name: ``[OMS] CFG``, ``[OMS] Prompt``, ``[OMS] Enable``."""
-        name = "Enable" if self.attr == "enabled" else (self.label or self.attr)[4:]
-        return f"[OMS] {name[0].upper()}{name[1:]}"
+        if self.attr == "enabled":
+            name = "Enable"
+        else:
+            name = (self.label or self.attr).removeprefix("OMS ")
+        return f"{XYZ_PREFIX} {name[0].upper()}{name[1:]}"
 
 
 #: UI component order = API positional order.

@@ -19,6 +19,7 @@ from oms_ext.webui.args import (
     FIELDS,
     INFOTEXT_FIELDS,
     NOISE_MODES,
+    XYZ_PREFIX,
     OMSArgs,
     args_from_infotext,
 )
@@ -26,7 +27,6 @@ from oms_ext.webui.provider import SETTINGS
 
 TITLE = "One More Step"
 ELEM_PREFIX = "oms"
-XYZ_PREFIX = "[OMS]"
 #: The settings page (section id, title) and the settings category it is listed under.
 SETTINGS_CATEGORY = "one_more_step"
 SETTINGS_SECTION = ("one_more_step", TITLE)
