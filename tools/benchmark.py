@@ -33,23 +33,34 @@ hits both sides of a ratio alike as long as our threads still get their cores; e
 prints the CPU share its timed work got (near 100 % when they did).
 
 Usage: python tools/benchmark.py [--quick] [--sizes 64 128] [--rounds 3] [--threads N]
-       [--skip module accuracy e2e load]
+       [--skip module accuracy e2e load] [--tcmalloc]
 ``--quick`` = 64x64 only, one round each (under 3 minutes with one thread on a Zen 4 core; the
 full run about 10). On a machine shared with other jobs use ``--threads 1``: PyTorch's threads
 wait for each other at every operation, so a second thread on a busy core slows everything.
 diffusers and transformers must be installed; open_clip too (tokenizer).
+
+The C allocator matters on the CPU: glibc's malloc maps large blocks (above a threshold that grows
+to at most 32 MB) afresh and returns them to the system when they are freed, and trims its heap,
+so large activations are faulted in again at every forward (at 128x128, 1-1.6 GB per fp32 module
+forward on the machine of the README; a few MB with tcmalloc).
+The WebUIs' launch scripts (``webui.sh``, ``prepare_tcmalloc``) preload tcmalloc on Linux when
+it is installed; ``--tcmalloc`` runs the benchmark the same way (found as they find it, through
+``ldconfig -p``). The first line names the allocator in use.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,6 +156,48 @@ def machine() -> str:
         f"({torch.get_num_threads()} threads, ATen CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}), bf16 matrix instructions: {bf16}"
     )
+
+
+def allocator() -> str:
+    """The C allocator of this process, as the first line of the report names it."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "the system's malloc"
+    return "tcmalloc (preloaded)" if "libtcmalloc" in maps else "the system's malloc"
+
+
+def find_tcmalloc() -> str | None:
+    """Path of the tcmalloc library the WebUIs' ``webui.sh`` would preload: the first
+    ``libtcmalloc_minimal.so.N`` or ``libtcmalloc.so.N`` that ``ldconfig -p`` lists."""
+    path = "/sbin:/usr/sbin:" + os.environ.get("PATH", "")
+    ldconfig = shutil.which("ldconfig", path=path)
+    if ldconfig is None:
+        return None
+    try:
+        listed = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for pattern in (r"libtcmalloc(_minimal|)\.so\.\d", r"libtcmalloc\.so\.\d"):
+        for line in listed.stdout.splitlines():
+            if re.search(pattern, line) and "=>" in line:
+                return line.split("=>", 1)[1].strip()
+    return None
+
+
+def release_free_memory() -> None:
+    """Give the memory this process has freed back to the system (glibc: ``malloc_trim``;
+    tcmalloc keeps freed memory until ``MallocExtension_ReleaseFreeMemory``). Without it, under
+    tcmalloc, the 2.8 GB freed after writing the test folder slowed each fresh interpreter's
+    fp32 load from 0.8 to 2-3.5 s on the machine of the README."""
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return
+    if hasattr(process, "MallocExtension_ReleaseFreeMemory"):
+        process.MallocExtension_ReleaseFreeMemory()
+    if hasattr(process, "malloc_trim"):
+        process.malloc_trim(0)
 
 
 def load_average() -> str:
@@ -365,7 +418,6 @@ def bench_load(folder: Path, rounds: int, dtypes: list[torch.dtype]) -> dict[str
     Each load runs in a fresh interpreter (imports not counted), so it gets fresh memory as a
     first use in a long-running WebUI does, rather than memory an earlier load freed.
     """
-    import subprocess
 
     def load(dtype: torch.dtype) -> float:
         out = subprocess.run(
@@ -630,14 +682,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--tcmalloc",
+        action="store_true",
+        help="run with tcmalloc preloaded, as the WebUIs' webui.sh does on Linux",
+    )
     args = parser.parse_args(argv)
+    if args.tcmalloc and not allocator().startswith("tcmalloc"):
+        lib = find_tcmalloc()
+        if lib is None:
+            parser.error(
+                "--tcmalloc: no libtcmalloc found by 'ldconfig -p'; install it (Debian/Ubuntu: "
+                "apt install libtcmalloc-minimal4) or leave the option out"
+            )
+        preload = " ".join(filter(None, (lib, os.environ.get("LD_PRELOAD"))))
+        env = {**os.environ, "LD_PRELOAD": preload}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or ([64] if args.quick else [64, 128])
     rounds = args.rounds or (1 if args.quick else 3)
     bf16 = cpu_bf16_is_fast()
     dtypes = [torch.float32, torch.bfloat16] if bf16 else [torch.float32]
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; allocator: {allocator()}")
     print(f"load average before: {load_average()}")
     print(
         f"{rounds} interleaved round(s); ratios are medians of per-round ratios"
@@ -662,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         write_oms_folder(folder)
         if "load" not in args.skip:
+            release_free_memory()
             loads = bench_load(folder, rounds, dtypes)
             report.append(
                 "first use: OMS-B module + ViT-H text encoder from fp16 safetensors, warm cache, "
