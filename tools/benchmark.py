@@ -168,8 +168,9 @@ def allocator() -> str:
 
 
 def find_tcmalloc() -> str | None:
-    """Path of the tcmalloc library the WebUIs' ``webui.sh`` would preload: the first
-    ``libtcmalloc_minimal.so.N`` or ``libtcmalloc.so.N`` that ``ldconfig -p`` lists."""
+    """Path of the tcmalloc library the WebUIs' ``webui.sh`` (``prepare_tcmalloc``) would
+    preload: the first ``libtcmalloc_minimal.so.N`` or ``libtcmalloc.so.N`` ``ldconfig -p``
+    lists."""
     path = "/sbin:/usr/sbin:" + os.environ.get("PATH", "")
     ldconfig = shutil.which("ldconfig", path=path)
     if ldconfig is None:
@@ -178,10 +179,9 @@ def find_tcmalloc() -> str | None:
         listed = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    for pattern in (r"libtcmalloc(_minimal|)\.so\.\d", r"libtcmalloc\.so\.\d"):
-        for line in listed.stdout.splitlines():
-            if re.search(pattern, line) and "=>" in line:
-                return line.split("=>", 1)[1].strip()
+    for line in listed.stdout.splitlines():
+        if re.search(r"libtcmalloc(_minimal|)\.so\.\d", line) and "=>" in line:
+            return line.split("=>", 1)[1].strip()
     return None
 
 
@@ -418,7 +418,6 @@ def bench_load(folder: Path, rounds: int, dtypes: list[torch.dtype]) -> dict[str
     Each load runs in a fresh interpreter (imports not counted), so it gets fresh memory as a
     first use in a long-running WebUI does, rather than memory an earlier load freed.
     """
-
     def load(dtype: torch.dtype) -> float:
         out = subprocess.run(
             [
