@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 from modules import devices, extra_networks, prompt_parser, script_callbacks, scripts, shared
@@ -80,7 +81,7 @@ def _forge_selected_checkpoint() -> Path | None:
     return _file_of(parameters.get("checkpoint_info"))
 
 
-def _file_of(checkpoint_info) -> Path | None:
+def _file_of(checkpoint_info: Any) -> Path | None:
     """The file of a ``sd_models.CheckpointInfo`` (None for None or one without a file)."""
     filename = getattr(checkpoint_info, "filename", None)
     return Path(filename) if filename else None
@@ -128,7 +129,7 @@ class OneMoreStepScript(scripts.Script):
         built = build_ui(gr, _input_accordion(), _choices, __version__, _module_notes)
         self.infotext_fields = built.infotext_fields
 
-        def follow(component, **kwargs) -> None:
+        def follow(component: Any, **kwargs: Any) -> None:
             # the checkpoint list is built after the txt2img tab, at the top of the page
             if is_checkpoint_list(kwargs):
                 follow_checkpoint_list(gr, component, built, _module_notes)
