@@ -20,11 +20,11 @@ import gradio as gr
 from modules import devices, extra_networks, prompt_parser, script_callbacks, scripts, shared
 
 from oms_ext import __version__
+from oms_ext.runtime.args import FIELDS, INFOTEXT_FIELDS, NOISE_MODES, OMSArgs
+from oms_ext.runtime.registry import module_choices, module_notes, scan_modules
 from oms_ext.webui import a1111, forge
-from oms_ext.webui.args import FIELDS, INFOTEXT_FIELDS, NOISE_MODES, OMSArgs
 from oms_ext.webui.glue import Host, OMSController
-from oms_ext.webui.provider import Settings, models_folders
-from oms_ext.webui.registry import module_choices, module_notes, scan_modules
+from oms_ext.webui.settings import Settings, models_folders
 from oms_ext.webui.ui import (
     TITLE,
     build_ui,

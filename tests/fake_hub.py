@@ -1,4 +1,4 @@
-"""A stand-in for the Hugging Face Hub as ``oms_ext.webui.download`` sees it (its ``fetch`` and
+"""A stand-in for the Hugging Face Hub as ``oms_ext.runtime.download`` sees it (its ``fetch`` and
 ``describe`` hooks): it serves the tiny test module in the released layout, and SD 2.1's text
 encoder files as the tiny module's own encoder, so downloads can be tested offline."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from oms_ext.webui.download import RemoteFile
+from oms_ext.runtime.download import RemoteFile
 from tests.webui_standins import TINY_MODULE as TINY
 
 

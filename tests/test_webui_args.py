@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from oms_ext.webui.args import (
+from oms_ext.runtime.args import (
     ENABLED_KEY,
     FIELDS,
     INFOTEXT_FIELDS,

@@ -11,11 +11,11 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from oms_ext import load_oms
+from oms_ext.runtime.cache import ModelCache
 from oms_ext.text import wrap_transformers_clip
 from oms_ext.webui import a1111, forge
-from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
-from oms_ext.webui.provider import Settings
+from oms_ext.webui.settings import Settings
 from tests import webui_standins as wi
 
 

@@ -14,11 +14,11 @@ import torch
 from oms_ext import load_oms, oms_start
 from oms_ext.precision import auto_dtype
 from oms_ext.prompt_syntax import WeightedPrompt
+from oms_ext.runtime.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
+from oms_ext.runtime.cache import ModelCache
+from oms_ext.runtime.runner import fresh_noise_seed
 from oms_ext.webui import a1111, forge, glue
-from oms_ext.webui.args import ALPHA_BAR_KEY, ENABLED_KEY, NOTE_KEY, SKIPPED_KEY
-from oms_ext.webui.cache import ModelCache
 from oms_ext.webui.glue import Host, OMSController
-from oms_ext.webui.runner import fresh_noise_seed
 from tests import webui_standins as wi
 
 VERSIONS = ("1.6", "1.10", "forge")

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote
 import pytest
 
 from oms_ext import load_oms
-from oms_ext.webui.download import DownloadError, download_files
+from oms_ext.runtime.download import DownloadError, download_files
 
 TINY = Path(__file__).parent / "data" / "oms-tiny"
 REPO_ID = "h1t/oms_b_openclip_15_21"

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from oms_ext import load_oms
+from oms_ext.runtime.args import OMSArgs
+from oms_ext.runtime.cache import CacheKey, ModelCache
 from oms_ext.webui import forge
-from oms_ext.webui.args import OMSArgs
-from oms_ext.webui.cache import CacheKey, ModelCache
 from oms_ext.webui.glue import Host, OMSController
-from oms_ext.webui.provider import GPU_FREE, GPU_KEEP, Settings, text_encoder_device
+from oms_ext.webui.settings import GPU_FREE, GPU_KEEP, Settings, text_encoder_device
 from tests import webui_standins as wi
 
 CPU = torch.device("cpu")

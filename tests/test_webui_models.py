@@ -14,24 +14,16 @@ import torch
 
 from oms_ext.precision import auto_dtype
 from oms_ext.prompt_syntax import PlainSyntax, TextRules
-from oms_ext.spaces import SamplerStart, UnsupportedModelError
-from oms_ext.webui import a1111
-from oms_ext.webui.args import SKIPPED_KEY, OMSArgs
-from oms_ext.webui.cache import CacheKey, ModelCache, canonical_device, same_device
-from oms_ext.webui.download import (
+from oms_ext.runtime.args import SKIPPED_KEY, OMSArgs
+from oms_ext.runtime.cache import CacheKey, ModelCache, canonical_device, same_device
+from oms_ext.runtime.download import (
     DownloadError,
     DownloadPending,
     download_files,
     missing_files,
 )
-from oms_ext.webui.provider import (
-    ModelRequest,
-    Settings,
-    compute_dtype,
-    cpu_text_dtype,
-    provide_model,
-)
-from oms_ext.webui.registry import (
+from oms_ext.runtime.provider import ModelRequest, provide_model
+from oms_ext.runtime.registry import (
     AUTO_MODULE,
     MODULE_FILES,
     fit_warning,
@@ -39,7 +31,10 @@ from oms_ext.webui.registry import (
     resolve_module,
     scan_modules,
 )
-from oms_ext.webui.runner import BatchInputs, ImageSeeds, fresh_noise, fresh_noise_seed, run_oms
+from oms_ext.runtime.runner import BatchInputs, ImageSeeds, fresh_noise, fresh_noise_seed, run_oms
+from oms_ext.spaces import SamplerStart, UnsupportedModelError
+from oms_ext.webui import a1111
+from oms_ext.webui.settings import Settings, compute_dtype, cpu_text_dtype
 from tests import webui_standins as wi
 from tests.fake_hub import FakeHub
 
@@ -196,7 +191,7 @@ def test_missing_module_with_downloads_off_names_the_files_to_fetch(tmp_path):
 
 
 def test_a_failed_download_fails_at_once_for_a_while_then_is_retried(tmp_path, monkeypatch):
-    from oms_ext.webui import download as download_module
+    from oms_ext.runtime import download as download_module
 
     calls: list[str] = []
 

@@ -15,20 +15,20 @@ import torch
 from safetensors.torch import save_file
 
 from oms_ext import load_oms
-from oms_ext.text import TextEncoderNotFound
-from oms_ext.webui import download as download_module
-from oms_ext.webui.args import SKIPPED_KEY
-from oms_ext.webui.cache import ModelCache
-from oms_ext.webui.download import (
+from oms_ext.runtime import download as download_module
+from oms_ext.runtime.args import SKIPPED_KEY
+from oms_ext.runtime.cache import ModelCache
+from oms_ext.runtime.download import (
     STAGING_MARK,
     DownloadError,
     DownloadPending,
     download_files,
     hub_describe,
 )
+from oms_ext.runtime.provider import ModelRequest, provide_model
+from oms_ext.runtime.registry import MODULE_FILES, module_choices, resolve_module, scan_modules
+from oms_ext.text import TextEncoderNotFound
 from oms_ext.webui.glue import Host, OMSController
-from oms_ext.webui.provider import ModelRequest, provide_model
-from oms_ext.webui.registry import MODULE_FILES, module_choices, resolve_module, scan_modules
 from tests import webui_standins as wi
 from tests.fake_hub import FakeHub
 
@@ -380,7 +380,7 @@ def test_a_module_folder_without_its_text_encoder_says_which_files_to_get_and_wh
 def test_without_a_terminal_the_download_logs_its_progress_with_size_and_speed(tmp_path):
     import time
 
-    from oms_ext.webui.download import RemoteFile
+    from oms_ext.runtime.download import RemoteFile
 
     def slow_fetch(repo_id, filename, dest_dir, endpoint):
         path = dest_dir / filename

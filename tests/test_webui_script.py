@@ -13,7 +13,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from oms_ext.webui.args import ALPHA_BAR_KEY, FIELDS, INFOTEXT_FIELDS
+from oms_ext.runtime.args import ALPHA_BAR_KEY, FIELDS, INFOTEXT_FIELDS
 from tests import webui_standins as wi
 from tests.test_webui_ui import FakeGradio
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from oms_ext.webui.args import FIELDS, INFOTEXT_FIELDS, OMSArgs
-from oms_ext.webui.provider import SETTINGS
+from oms_ext.runtime.args import FIELDS, INFOTEXT_FIELDS, OMSArgs
+from oms_ext.webui.settings import SETTINGS
 from oms_ext.webui.ui import build_ui, register_settings, register_xyz_axes
 
 

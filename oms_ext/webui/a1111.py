@@ -25,7 +25,7 @@ import torch
 
 from oms_ext.loading import OMSLoadError, read_header
 from oms_ext.prompt_syntax import EMPHASIS_MODES, PromptSyntax, TextRules
-from oms_ext.webui.runner import BatchInputs, ImageSeeds
+from oms_ext.runtime.runner import BatchInputs, ImageSeeds
 from oms_ext.webui.samplers import sampler_start
 
 HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"

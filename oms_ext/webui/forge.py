@@ -21,10 +21,10 @@ import torch
 
 from oms_ext.loading import OMSModel
 from oms_ext.prompt_syntax import PromptSyntax
+from oms_ext.runtime.runner import BatchInputs
 from oms_ext.text import SD2_OMS_LAYERS, Prompt, PromptEncoder, wrap_transformers_clip
 from oms_ext.webui.a1111 import collect_batch_inputs, judged_family
 from oms_ext.webui.a1111 import model_family as _flag_family
-from oms_ext.webui.runner import BatchInputs
 
 
 def predictor(sd_model: Any) -> Any | None:

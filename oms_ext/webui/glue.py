@@ -26,9 +26,7 @@ import torch
 from oms_ext.loading import OMSModel
 from oms_ext.preview import FAMILIES as PREVIEW_FAMILIES
 from oms_ext.prompt_syntax import PlainSyntax, PromptSyntax
-from oms_ext.spaces import UnsupportedModelError
-from oms_ext.webui import a1111, forge
-from oms_ext.webui.args import (
+from oms_ext.runtime.args import (
     ALPHA_BAR_KEY,
     AUTO_MODULE,
     ENABLED_KEY,
@@ -41,20 +39,21 @@ from oms_ext.webui.args import (
     OMSArgs,
     OMSArgsError,
 )
-from oms_ext.webui.cache import MODEL_CACHE, ModelCache
-from oms_ext.webui.provider import (
-    ModelRequest,
+from oms_ext.runtime.cache import MODEL_CACHE, ModelCache
+from oms_ext.runtime.provider import ModelRequest, provide_model
+from oms_ext.runtime.registry import auto_module
+from oms_ext.runtime.runner import Outcome, run_oms, skipped
+from oms_ext.spaces import UnsupportedModelError
+from oms_ext.webui import a1111, forge
+from oms_ext.webui.settings import (
     Settings,
     compute_device,
     compute_dtype,
     cpu_text_dtype,
     frees_gpu_after_each_generation,
     models_folders,
-    provide_model,
     text_encoder_device,
 )
-from oms_ext.webui.registry import auto_module
-from oms_ext.webui.runner import Outcome, run_oms, skipped
 
 _OMS_INFOTEXT_KEYS = (
     ENABLED_KEY,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from oms_ext.webui.args import (
+from oms_ext.runtime.args import (
     CFG_MAX,
     CFG_MIN,
     FIELD_BY_ATTR,
@@ -23,7 +23,7 @@ from oms_ext.webui.args import (
     OMSArgs,
     args_from_infotext,
 )
-from oms_ext.webui.provider import SETTINGS
+from oms_ext.webui.settings import SETTINGS
 
 TITLE = "One More Step"
 ELEM_PREFIX = "oms"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oms_ext.errors import OMSUserError
-from oms_ext.webui.registry import TextEncoderFiles
+from oms_ext.runtime.registry import TextEncoderFiles
 
 #: Refuse safetensors headers larger than this (a corrupt length field).
 MAX_HEADER_BYTES = 100_000_000

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from oms_ext.errors import OMSUserError
 from oms_ext.loading import OMSLoadError, read_header
+from oms_ext.runtime.args import AUTO_MODULE
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.text import SD21_REPO, TOKENIZER_FILES, TOKENIZER_OPTIONAL_FILES
-from oms_ext.webui.args import AUTO_MODULE
 
 Family = str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "unknown"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"

@@ -4,7 +4,7 @@ At most one module is kept. It is loaded on first use and kept for the next gene
 request with a different key (module path, device, dtype, text-encoder source) replaces it.
 :meth:`ModelCache.offload` moves it to the CPU after the OMS step (low/medium VRAM or when the
 setting asks); :meth:`ModelCache.get` moves it back to its device on the next use.
-It also holds the downloads under way (:class:`~oms_ext.webui.download.DownloadJobs`, which
+It also holds the downloads under way (:class:`~oms_ext.runtime.download.DownloadJobs`, which
 remember recent failures, so an offline WebUI does not wait for the hub client's retries on
 every generation) and the devices whose half precision gave NaN.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from oms_ext.loading import OMSModel
-from oms_ext.webui.download import DownloadJobs
+from oms_ext.runtime.download import DownloadJobs
 
 
 def canonical_device(device: torch.device | str) -> torch.device:

@@ -1,11 +1,12 @@
-"""WebUI-free orchestration of one OMS step for one batch.
+"""Host-free orchestration of one OMS step for one batch.
 
-The adapters (:mod:`oms_ext.webui.a1111`, :mod:`oms_ext.webui.forge`) turn WebUI objects into
-a :class:`BatchInputs`; :func:`run_oms` turns that, the user's :class:`OMSArgs` and a model
-loader into an :class:`Outcome`: the noise to hand back to the WebUI (or None to leave its
-noise alone), infotext entries and a console message. Failures that must not cost the user
-the image (load errors, missing downloads, out of memory, NaN/inf output, unsupported models)
-become an Outcome with a skip reason; the WebUI then samples from its own noise.
+Each host's adapter (the WebUIs' :mod:`oms_ext.webui.a1111` and :mod:`oms_ext.webui.forge`)
+turns its objects into a :class:`BatchInputs`; :func:`run_oms` turns that, the user's
+:class:`OMSArgs` and a model loader into an :class:`Outcome`: the noise to hand back to the
+host (or None to leave its noise alone), infotext entries and a console message. Failures that
+must not cost the user the image (load errors, missing downloads, out of memory, NaN/inf
+output, unsupported models) become an Outcome with a skip reason; the host then samples from
+its own noise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from oms_ext.errors import OMSUserError
 from oms_ext.loading import OMSModel
 from oms_ext.prompt_syntax import TextRules, WeightedPrompt
+from oms_ext.runtime.args import ALPHA_BAR_KEY, NOTE_KEY, SKIPPED_KEY, OMSArgs
 from oms_ext.spaces import (
     SamplerStart,
     UnsupportedModelError,
@@ -30,7 +32,6 @@ from oms_ext.spaces import (
 )
 from oms_ext.step import oms_start
 from oms_ext.text import PROMPT_TOKENS
-from oms_ext.webui.args import ALPHA_BAR_KEY, NOTE_KEY, SKIPPED_KEY, OMSArgs
 
 #: Offset mixed into the image seed for the fresh noise z, so z never equals the seed's x_S.
 FRESH_NOISE_SALT = 0x4F4D53  # "OMS"
