@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from oms_ext.errors import OMSUserError
-from oms_ext.precision import convert_state
+from oms_ext.precision import convert_state, load_state_assigned
 from oms_ext.prompt_syntax import WeightedPrompt, as_weighted
 from oms_ext.step import cfg_combine
 from oms_ext.unet import OMSUNet, UNetConfig, config_from_state_dict_shapes
@@ -499,7 +499,7 @@ def _build_and_fill(
     if on_cpu or any(t.dtype != dtype for t in state.values()):
         # On the CPU the file is memory-mapped: copy, so no parameter keeps it mapped.
         state = convert_state(state, dtype)
-    unet.load_state_dict(state, strict=True, assign=True)
+    load_state_assigned(unet, state, strict=True)
     return unet.requires_grad_(False).eval()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -125,6 +126,42 @@ def convert_state(
             target[start:stop].copy_(part)
         out[name] = result
     return out
+
+
+def load_state_assigned(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool
+) -> tuple[list[str], list[str]]:
+    """Fill ``module`` (built on the meta device) by taking the tensors of ``state`` as its
+    parameters and buffers, without copies; returns its (missing, unexpected) keys.
+
+    That is ``load_state_dict(..., assign=True)`` where torch has it (2.1+). AUTOMATIC1111 1.6
+    and 1.7 ship torch 2.0.1, whose ``load_state_dict`` has no ``assign``: there each tensor is
+    set on its submodule directly, with the same key and shape checks.
+    """
+    if "assign" in inspect.signature(module.load_state_dict).parameters:
+        result = module.load_state_dict(state, strict=strict, assign=True)
+        return list(result.missing_keys), list(result.unexpected_keys)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if wrong or (strict and (missing or unexpected)):
+        raise RuntimeError(
+            f"cannot load the state into {type(module).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+        )
+    for key, tensor in state.items():
+        if key not in expected:
+            continue
+        owner, _, name = key.rpartition(".")
+        sub = module.get_submodule(owner)
+        if name in sub._parameters:
+            old = sub._parameters[name]
+            grad = old.requires_grad if old is not None else False
+            sub._parameters[name] = torch.nn.Parameter(tensor, requires_grad=grad)
+        else:
+            sub._buffers[name] = tensor
+    return missing, unexpected
 
 
 def auto_dtype(device: torch.device | str) -> torch.dtype:

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from oms_ext.errors import OMSUserError
-from oms_ext.precision import convert_state
+from oms_ext.precision import convert_state, load_state_assigned
 from oms_ext.prompt_syntax import WeightedPrompt, as_weighted
 
 CONTEXT_LENGTH = 77
@@ -697,7 +697,10 @@ def load_text_state_dict(
     if on_meta:
         # Copies, so no parameter keeps the file mapped (Windows could not replace it).
         fixed = convert_state({k: v for k, v in fixed.items() if k in wanted}, dtype)
-    missing, _ = model.load_state_dict(fixed, strict=False, assign=on_meta)
+    if on_meta:
+        missing, _ = load_state_assigned(model, fixed, strict=False)
+    else:
+        missing, _ = model.load_state_dict(fixed, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing:
         raise TextEncoderError(
