@@ -454,3 +454,22 @@ def test_fresh_noise_of_a_variation_batch_differs_per_image_and_per_variation_se
     changed = ImageSeeds([9] * 4, subseeds=[50, 41, 42, 43], subseed_strength=0.3)
     other = fresh_noise(changed, (4, 8, 8))
     assert not torch.allclose(z[0], other[0]) and torch.equal(z[1:], other[1:])
+
+
+def test_a_mirror_address_with_a_trailing_slash_reaches_the_hub_client_without_it(tmp_path):
+    hub, seen = FakeHub(), []
+
+    def fetch(repo_id, filename, dest_dir, endpoint):
+        seen.append(endpoint)
+        return hub.fetch(repo_id, filename, dest_dir, endpoint)
+
+    download_files(
+        "h1t/oms_b_openclip_15_21",
+        MODULE_FILES,
+        tmp_path / "m",
+        endpoint=" https://mirror.example/ ",
+        fetch=fetch,
+        describe=lambda *a: {},
+        log=lambda _: None,
+    )
+    assert seen and set(seen) == {"https://mirror.example"}

@@ -255,6 +255,8 @@ def download_files(
     todo = missing_files(target, files)
     if not todo:
         return target
+    # The hub client joins "<endpoint>/<repo>": a mirror typed with a trailing slash gave "//".
+    endpoint = (endpoint.strip().rstrip("/") or None) if endpoint else None
     log(f"[OMS] Downloading {', '.join(todo)} from {repo_url(repo_id, endpoint)} into {target}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
