@@ -587,6 +587,14 @@ def resolve_component_folder(
             f"'_name_or_path': {name!r}, 'subfolder': {sub!r}, resolved against {root})",
             reason=f"its {lookup.what} files are missing; the console says which files go where",
         )
+    if "--" in name or ".." in name or name.endswith(("-", ".")):
+        # The hub client refuses such ids with its own ValueError (validate_repo_id).
+        raise TextEncoderError(
+            f"{lookup.what}: the pointer's '_name_or_path' {name!r} is neither a folder beside "
+            f"the module nor a valid Hugging Face repo id ('--', '..' and a trailing '-' or "
+            f"'.' are not allowed); fix it in the module's pointer config.json",
+            reason=REASON_POINTER_BROKEN,
+        )
     candidates = [root / sub] if sub and root is not None else []
     if models_dir is not None:
         candidates.append(models_dir_folder(models_dir, name, sub))

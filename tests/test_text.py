@@ -13,8 +13,11 @@ from huggingface_hub.utils import LocalEntryNotFoundError, are_progress_bars_dis
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from oms_ext.loading import load_oms
 from oms_ext.text import (
+    REASON_POINTER_BROKEN,
     ConcatPromptEncoder,
+    TextEncoderError,
     TextEncoderNotFound,
     load_clip_text_model,
     load_prompt_encoder,
@@ -405,3 +408,14 @@ def test_mixclip_tokenizers_keep_their_own_padding(tmp_path, sdxl_models_dir) ->
     encoder = load_prompt_encoder(root, models_dir=sdxl_models_dir)
     first, second = (part.tokenizer(["a cat"]).ids[0, -1].item() for part in encoder.encoders)
     assert (first, second) == (49407, 0)
+
+
+@pytest.mark.parametrize("repo_id", ["stabilityai--x/y", "owner/a..b", "owner/name-"])
+def test_a_pointer_naming_an_invalid_repo_id_is_a_broken_pointer(tmp_path, repo_id):
+    module = tmp_path / "module"
+    shutil.copytree(DATA, module)
+    pointer = module / "oms_text_encoder" / "config.json"
+    pointer.write_text(json.dumps({"_class_name": "CLIPTextModel", "_name_or_path": repo_id}))
+    with pytest.raises(TextEncoderError, match="valid Hugging Face repo id") as err:
+        load_oms(module)
+    assert err.value.reason == REASON_POINTER_BROKEN
