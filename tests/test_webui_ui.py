@@ -229,3 +229,9 @@ def test_style_sheet_styles_only_the_extensions_own_elements():
     css = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
     selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
     assert selectors and all(s.startswith("#oms_") for s in selectors), selectors
+
+
+def test_the_download_setting_gives_each_release_its_own_download_size():
+    help_text = next(s.help for s in SETTINGS if s.key == "oms_allow_download")
+    assert "oms_b_mixclip_xl: 3455 MB + 1635 MB text encoder" in help_text
+    assert "oms_b_openclip_15_21, oms_b_openclip_xl: 308 MB + 681 MB text encoder" in help_text

@@ -16,6 +16,7 @@ import torch
 
 from oms_ext.loading import DTYPES
 from oms_ext.precision import auto_dtype
+from oms_ext.runtime.registry import KNOWN_MODULES
 
 DEVICES = ("auto", "cpu")
 TEXT_DEVICES = ("auto", "gpu", "cpu")
@@ -23,6 +24,18 @@ DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 GPU_FREE = "free after each generation"
 GPU_KEEP = "keep on GPU between generations"
 GPU_MEMORY = ("auto", GPU_FREE, GPU_KEEP)
+
+
+def _download_sizes() -> str:
+    """The released modules' download sizes, module + text encoder, e.g. "oms_b_openclip_15_21,
+    oms_b_openclip_xl: 308 MB + 681 MB text encoder"."""
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for known in KNOWN_MODULES:
+        by_size.setdefault((known.size_mb, known.text_encoder.size_mb), []).append(known.name)
+    return "; ".join(
+        f"{', '.join(names)}: {module} MB + {text} MB text encoder"
+        for (module, text), names in by_size.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "oms_allow_download",
         True,
         "OMS downloads missing modules",
-        help="One More Step fetches a missing module (308 MB + 681 MB text encoder) from "
-        "Hugging Face in the background; generations before it is there run without it",
+        help="One More Step fetches a missing module from Hugging Face in the background "
+        f"({_download_sizes()}); generations before it is there run without it",
     ),
     SettingSpec(
         "oms_hf_endpoint",
