@@ -26,7 +26,13 @@ from oms_ext.runtime.download import (
     hub_describe,
 )
 from oms_ext.runtime.provider import ModelRequest, provide_model
-from oms_ext.runtime.registry import MODULE_FILES, module_choices, resolve_module, scan_modules
+from oms_ext.runtime.registry import (
+    MODULE_FILES,
+    ModuleNotInstalled,
+    module_choices,
+    resolve_module,
+    scan_modules,
+)
 from oms_ext.text import TextEncoderNotFound
 from oms_ext.webui.glue import Host, OMSController
 from tests import webui_standins as wi
@@ -403,3 +409,13 @@ def test_without_a_terminal_the_download_logs_its_progress_with_size_and_speed(t
     )
     progress = [line for line in lines if "MB/s" in line]
     assert progress and all(" of 2 MB (" in line for line in progress)
+
+
+@pytest.mark.parametrize("where", ["my_module.ckpt", "my_module/oms_module/model.bin"])
+def test_a_module_found_only_as_a_pickle_is_named_as_refused_not_as_missing(tmp_path, where):
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_bytes(b"pickled weights")
+    with pytest.raises(ModuleNotInstalled) as err:
+        resolve_module("my_module", "sd1", [tmp_path])
+    assert "pickle file" in err.value.reason and "refuses to load" in err.value.reason
+    assert Path(where).name in err.value.reason and str(tmp_path) not in err.value.reason

@@ -191,6 +191,25 @@ def auto_module(family: Family) -> str:
         ) from None
 
 
+#: File endings of pickled weights, which OMS never loads.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _pickle_of(name: str, folders: Sequence[Path]) -> Path | None:
+    """A pickled weight file standing where module ``name`` would be: ``<folder>/<name>.ckpt``
+    (or .pt/.pth/.bin) or inside a ``<folder>/<name>/`` folder; None when there is none."""
+    for folder in folders:
+        try:
+            beside = [folder / f"{name}{suffix}" for suffix in PICKLE_SUFFIXES]
+            inside = sorted((folder / name).rglob("*")) if (folder / name).is_dir() else []
+            for path in (*beside, *inside):
+                if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+                    return path
+        except OSError:  # a folder we may not look into
+            continue
+    return None
+
+
 def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> ResolvedModule:
     """Resolve a UI choice to a module. Local copies (in ``folders``, in order) win; a known
     module not on disk resolves to ``folders[0]/<name>`` with ``present`` false.
@@ -209,6 +228,14 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
     if name in local:
         return ResolvedModule(name, known, local[name].path, present=True)
     if known is None:
+        pickle = _pickle_of(name, folders)
+        if pickle is not None:
+            raise ModuleNotInstalled(
+                f"OMS module {name!r}: {pickle} is a pickle file, which OMS refuses to load "
+                "(loading a pickle can run any code); get the module as .safetensors",
+                reason=f"module {name} was found only as a pickle file ({pickle.name}), which "
+                "OMS refuses to load; get its .safetensors version",
+            )
         names = ", ".join(module_choices(list(local.values())))
         raise ModuleNotInstalled(
             f"OMS module {name!r} is neither a known release nor in "
