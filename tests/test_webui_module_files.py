@@ -30,6 +30,7 @@ from oms_ext.runtime.registry import (
     MODULE_FILES,
     ModuleNotInstalled,
     module_choices,
+    module_notes,
     resolve_module,
     scan_modules,
 )
@@ -419,3 +420,24 @@ def test_a_module_found_only_as_a_pickle_is_named_as_refused_not_as_missing(tmp_
         resolve_module("my_module", "sd1", [tmp_path])
     assert "pickle file" in err.value.reason and "refuses to load" in err.value.reason
     assert Path(where).name in err.value.reason and str(tmp_path) not in err.value.reason
+
+
+def test_the_auto_note_names_each_module_once(tmp_path):
+    auto = module_notes("Auto", [tmp_path], None).splitlines()[0]
+    assert auto.count("oms_b_openclip_15_21") == 1 and "for SD1.x/SD2.x" in auto
+
+
+def test_the_auto_note_says_which_module_the_chosen_checkpoint_gets_and_that_it_downloads(
+    tmp_path,
+):
+    auto = module_notes("Auto", [tmp_path], "sdxl").splitlines()[0]
+    assert auto.endswith(
+        "for the chosen SDXL checkpoint it uses oms_b_openclip_xl, a 308 MB + 681 MB text "
+        "encoder download not on disk yet, fetched at the first Generate"
+    )
+
+
+def test_the_auto_note_says_a_module_on_disk_needs_no_download(tmp_path):
+    shutil.copytree(TINY, tmp_path / "oms_b_openclip_15_21")
+    auto = module_notes("Auto", [tmp_path], "sd1").splitlines()[0]
+    assert auto.endswith("for the chosen SD1.x checkpoint it uses oms_b_openclip_15_21, on disk")

@@ -266,14 +266,40 @@ def _size(known: KnownModule) -> str:
     return f"{known.size_mb} MB + {known.text_encoder.size_mb} MB {encoders}"
 
 
-def module_status(name: str, local: Sequence[LocalModule], models_dir: Path) -> str:
-    """One line saying what a module choice is for and whether it is on disk, e.g.
-    "oms_b_openclip_xl - SDXL - 308 MB + 681 MB text encoder - not downloaded"."""
-    if name == AUTO_MODULE:
-        return (
-            f"{AUTO_MODULE} - the module made for the checkpoint in use: "
-            + ", ".join(f"{AUTO_BY_FAMILY[f]} for {FAMILY_NAMES[f]}" for f in AUTO_BY_FAMILY)
+def _auto_status(local: Sequence[LocalModule], models_dir: Path, family: Family | None) -> str:
+    """The "Auto" line: each family's module once, then what Auto uses for the chosen
+    checkpoint and whether that still has to be downloaded."""
+    families: dict[str, list[str]] = {}
+    for fam, module in AUTO_BY_FAMILY.items():
+        families.setdefault(module, []).append(FAMILY_NAMES[fam])
+    line = f"{AUTO_MODULE} - the module made for the checkpoint: " + ", ".join(
+        f"{module} for {'/'.join(names)}" for module, names in families.items()
+    )
+    if family not in AUTO_BY_FAMILY:
+        return line
+    chosen = AUTO_BY_FAMILY[family]
+    known = KNOWN_BY_NAME[chosen]
+    status = module_status(chosen, local, models_dir).split(" - ")[-1]
+    if status == "not downloaded":
+        state = f"a {_size(known)} download not on disk yet, fetched at the first Generate"
+    elif status == "on disk, text encoder not downloaded":
+        state = (
+            f"on disk; its {known.text_encoder.size_mb} MB text encoder is fetched at the "
+            "first Generate"
         )
+    else:
+        state = "on disk"
+    return f"{line}; for the chosen {FAMILY_NAMES[family]} checkpoint it uses {chosen}, {state}"
+
+
+def module_status(
+    name: str, local: Sequence[LocalModule], models_dir: Path, family: Family | None = None
+) -> str:
+    """One line saying what a module choice is for and whether it is on disk, e.g.
+    "oms_b_openclip_xl - SDXL - 308 MB + 681 MB text encoder - not downloaded"; for "Auto"
+    also which module it uses for a checkpoint of ``family`` (None: none chosen)."""
+    if name == AUTO_MODULE:
+        return _auto_status(local, models_dir, family)
     on_disk = {m.name: m for m in local}
     known = KNOWN_BY_NAME.get(name)
     if known is None:
@@ -317,7 +343,9 @@ def module_notes(choice: str, folders: Sequence[Path], family: Family | None) ->
     ``family`` of the checkpoint chosen in the WebUI (None: none known), then one line per choice
     (:func:`module_status`)."""
     local = scan_modules(folders)
-    lines = [f"- {module_status(name, local, folders[0])}" for name in module_choices(local)]
+    lines = [
+        f"- {module_status(name, local, folders[0], family)}" for name in module_choices(local)
+    ]
     warning = fit_warning(choice, family) if family is not None else None
     head = f"**OMS will be skipped: {warning}.**\n\n" if warning else ""
     return head + "\n".join(lines)
