@@ -55,7 +55,7 @@ def _choices() -> list[str]:
 def _module_notes(choice: str, checkpoint: str | None = None) -> str:
     """The notes under the module list, judged by the checkpoint the next generation uses:
     ``checkpoint`` (a title just picked in the checkpoint list), else Forge's selection."""
-    sd_model = getattr(shared, "sd_model", None)
+    sd_model = _loaded_sd_model()
     if checkpoint:
         selected = _checkpoint_file(checkpoint)
     elif IS_FORGE:
@@ -64,6 +64,19 @@ def _module_notes(choice: str, checkpoint: str | None = None) -> str:
         selected = None
     family = (forge if IS_FORGE else a1111).notes_family(sd_model, selected)
     return module_notes(choice, _folders(), family)
+
+
+def _loaded_sd_model() -> Any:
+    """The loaded checkpoint's model (None when none is), without loading one: ``shared.sd_model``
+    is a property that loads a checkpoint when none is loaded (A1111 modules/shared_items.py
+    ``Shared.sd_model`` -> ``sd_models.model_data.get_sd_model()``), which blocked building the
+    UI and defeated ``--skip-load-model-at-start``."""
+    from modules import sd_models
+
+    data = getattr(sd_models, "model_data", None)
+    if data is not None and hasattr(data, "sd_model"):
+        return data.sd_model
+    return getattr(shared, "sd_model", None)  # forks without model_data.sd_model
 
 
 def _checkpoint_file(title: str) -> Path | None:

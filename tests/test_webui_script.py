@@ -250,3 +250,23 @@ def test_other_lists_do_not_redraw_the_module_notes(script_module, tmp_path):
     _checkpoints(tmp_path, loaded_key="sd15")
     vae_list = _build_page(script_module, elem_id="setting_sd_vae", label="SD VAE")
     assert vae_list.changes == []
+
+
+def test_building_the_ui_and_its_notes_never_loads_a_checkpoint(script_module, monkeypatch):
+    """A1111 modules/shared_items.py ``Shared.sd_model`` is a property that loads a checkpoint when
+    none is (``sd_models.model_data.get_sd_model()``); with --skip-load-model-at-start, or no
+    checkpoint installed, none is loaded while the UI is built."""
+    loads = []
+
+    class Shared(SimpleNamespace):
+        @property
+        def sd_model(self):
+            loads.append("load")
+            raise FileNotFoundError("No checkpoints found")
+
+    shared = Shared(**vars(sys.modules["modules.shared"]))
+    monkeypatch.setattr(script_module, "shared", shared)
+    sys.modules["modules.sd_models"].model_data = SimpleNamespace(sd_model=None)
+    script_module.OneMoreStepScript().ui(False)
+    assert "OMS will be skipped" not in script_module._module_notes("oms_b_openclip_xl")
+    assert loads == []
