@@ -266,6 +266,23 @@ def _size(known: KnownModule) -> str:
     return f"{known.size_mb} MB + {known.text_encoder.size_mb} MB {encoders}"
 
 
+def _release_state(known: KnownModule, local: Sequence[LocalModule], models_dir: Path) -> str:
+    """ "not downloaded", "on disk" or "on disk, text encoder not downloaded"."""
+    module = next((m.path for m in local if m.name == known.name), None)
+    if module is None:
+        return "not downloaded"
+    from oms_ext.text import release_text_encoder_available
+
+    encoder = known.text_encoder
+    has_encoder = release_text_encoder_available(
+        encoder.repo_id,
+        dual=encoder.dual,
+        models_dir=models_dir,
+        module_root=module if module.is_dir() else None,
+    )
+    return "on disk" if has_encoder else "on disk, text encoder not downloaded"
+
+
 def _auto_status(local: Sequence[LocalModule], models_dir: Path, family: Family | None) -> str:
     """The "Auto" line: each family's module once, then what Auto uses for the chosen
     checkpoint and whether that still has to be downloaded."""
@@ -279,7 +296,7 @@ def _auto_status(local: Sequence[LocalModule], models_dir: Path, family: Family 
         return line
     chosen = AUTO_BY_FAMILY[family]
     known = KNOWN_BY_NAME[chosen]
-    status = module_status(chosen, local, models_dir).split(" - ")[-1]
+    status = _release_state(known, local, models_dir)
     if status == "not downloaded":
         state = f"a {_size(known)} download not on disk yet, fetched at the first Generate"
     elif status == "on disk, text encoder not downloaded":
@@ -305,20 +322,7 @@ def module_status(
     if known is None:
         kind = "folder" if name in on_disk and on_disk[name].path.is_dir() else "file"
         return f"{name} - local module ({kind}) - on disk"
-    if name not in on_disk:
-        state = "not downloaded"
-    else:
-        from oms_ext.text import release_text_encoder_available
-
-        module = on_disk[name].path
-        encoder = known.text_encoder
-        has_encoder = release_text_encoder_available(
-            encoder.repo_id,
-            dual=encoder.dual,
-            models_dir=models_dir,
-            module_root=module if module.is_dir() else None,
-        )
-        state = "on disk" if has_encoder else "on disk, text encoder not downloaded"
+    state = _release_state(known, local, models_dir)
     return f"{name} - {_purpose(known)} - {_size(known)} - {state}"
 
 
