@@ -131,6 +131,20 @@ class OMSModel:
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
 
+    def devices(self) -> set[torch.device]:
+        """Every device holding a tensor of the module or of an encoder that moves with it
+        (:meth:`to` moves both). More than one means a move stopped half-way (out of memory
+        while moving a model back under ``--medvram``, say): :attr:`device` reads one layer
+        only, so such a model must be moved again or dropped."""
+        follows = self.owns_text_encoder and self.text_device is None
+        owned = self.text_encoder.owned_modules() if follows else []
+        tensors = [
+            *self.unet.parameters(),
+            *self.unet.buffers(),
+            *(t for m in owned for t in (*m.parameters(), *m.buffers())),
+        ]
+        return {t.device for t in tensors}
+
     @property
     def cross_attention_dim(self) -> int:
         """Width D of the text states the module attends to."""

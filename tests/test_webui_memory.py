@@ -84,8 +84,8 @@ def test_vram_held_before_during_and_after_a_generation(
     before = _held(controller)
     real_load = controller.host.cache.get
 
-    def load_and_watch(key, load):
-        model = real_load(key, load)
+    def load_and_watch(key, load, **kwargs):
+        model = real_load(key, load, **kwargs)
         if not during:
             model.unet.register_forward_pre_hook(
                 lambda *_: during.append(controller.host.cache.held_bytes(CPU))

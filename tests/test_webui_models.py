@@ -232,6 +232,9 @@ class _FakeModel:
         self._device = torch.device(device)
         return self
 
+    def devices(self):
+        return {self._device}
+
     def tensors(self):
         return {}
 

@@ -468,18 +468,61 @@ def run_xyz_cells(p: Txt2Img, cells: list[dict[str, Any]]) -> list[Txt2Img]:
 # --- Forge's memory manager -------------------------------------------------------------------
 
 
+def _leave_device(module: torch.nn.Module, device: torch.device) -> None:
+    """Move ``module`` to ``device``; the meta device plays the GPU in placement tests and its
+    tensors hold no values, so leaving it keeps where tensors are, not what they hold."""
+    if any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers())):
+        module.to_empty(device=device)
+    else:
+        module.to(device)
+
+
+def module_bytes(module: torch.nn.Module, device: torch.device) -> int:
+    """``backend.memory_management.module_size(..., include_device=device)``: bytes of the
+    module's tensors on ``device``."""
+    tensors = (*module.parameters(), *module.buffers())
+    return sum(t.nbytes for t in tensors if t.device == torch.device(device))
+
+
 class ForgeModelPatcher:
     """Forge f2.0.1 ``backend.patcher.base.ModelPatcher``: a module with the device it is
-    loaded to and the one it is offloaded to."""
+    loaded to and the one it is offloaded to, and weight patches (LoRAs) that
+    ``forge_patch_model`` adds to the weights when the manager loads it and
+    ``forge_unpatch_model`` takes out again (``patches``: parameter name -> added value).
+    ``clone()`` shares the module, with patches of its own."""
 
     def __init__(self, model, load_device, offload_device, size=0, current_device=None):
         self.model = model
         self.load_device = torch.device(load_device)
         self.offload_device = torch.device(offload_device)
         self.current_device = torch.device(current_device or offload_device)
+        self.patches: dict[str, float] = {}
+        self.backup: dict[str, torch.Tensor] = {}
+
+    def clone(self) -> ForgeModelPatcher:
+        n = ForgeModelPatcher(self.model, self.load_device, self.offload_device)
+        n.patches = dict(self.patches)
+        return n
 
     def is_clone(self, other: Any) -> bool:
         return getattr(other, "model", None) is self.model
+
+    def forge_patch_model(self, target_device=None) -> torch.nn.Module:
+        params = dict(self.model.named_parameters())
+        for name, delta in self.patches.items():
+            self.backup[name] = params[name].detach().clone()
+            params[name].data += delta
+        if target_device is not None:
+            self.model.to(target_device)
+        return self.model
+
+    def forge_unpatch_model(self, target_device=None) -> None:
+        params = dict(self.model.named_parameters())
+        for name, weight in self.backup.items():
+            params[name].data = weight.to(params[name].device)
+        self.backup = {}
+        if target_device is not None:
+            _leave_device(self.model, target_device)
 
 
 class ForgeLoadedModel:
@@ -490,32 +533,79 @@ class ForgeLoadedModel:
         self.model = patcher
         self.device = patcher.load_device
 
+    def model_load(self) -> None:
+        """``LoadedModel.model_load`` (all loaded to GPU): patch, then move to the device."""
+        self.model.forge_patch_model(self.device)
+        self.model.current_device = self.model.load_device
+
     def model_unload(self, avoid_model_moving: bool = False) -> None:
-        if not avoid_model_moving:
-            self.model.model.to(self.model.offload_device)
+        """``LoadedModel.model_unload``: unpatch; move to the offload device unless
+        ``avoid_model_moving`` (a clone taking over, an abandoned model)."""
+        if avoid_model_moving:
+            self.model.forge_unpatch_model()
+        else:
+            self.model.forge_unpatch_model(self.model.offload_device)
             self.model.current_device = self.model.offload_device
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ForgeLoadedModel) and self.model is other.model
 
 
+class ForgeCLIP:
+    """Forge f2.0.1 ``backend.patcher.clip.CLIP``: the text encoders (``cond_stage_model``),
+    tokenizers and a patcher. ``clone()`` shares the encoders and tokenizers, with a patcher
+    clone of its own; ``sd_forge_lora/networks.py`` ``load_networks`` makes such a clone,
+    with the LoRAs' patches, each time the LoRA set changes and sets it as
+    ``forge_objects.clip``."""
+
+    def __init__(self, cond_stage_model: Any, tokenizer: Any, patcher: ForgeModelPatcher | None):
+        self.cond_stage_model = cond_stage_model
+        self.tokenizer = tokenizer
+        self.patcher = patcher
+
+    def clone(self) -> ForgeCLIP:
+        return ForgeCLIP(self.cond_stage_model, self.tokenizer, self.patcher.clone())
+
+    def with_lora(self, name: str, delta: float) -> ForgeCLIP:
+        """A clone whose patcher adds ``delta`` to the weight ``name`` (a LoRA, reduced)."""
+        clone = self.clone()
+        clone.patcher.patches[name] = delta
+        return clone
+
+
 class ForgeMemoryManagement:
     """The rules of Forge f2.0.1 ``backend.memory_management`` the extension relies on.
 
-    ``load_models_gpu`` moves each patcher's model to its ``load_device`` unless it is loaded
-    already and keeps a :class:`ForgeLoadedModel` for it in ``current_loaded_models`` (most
-    recent first); ``free_memory`` and ``unload_all_models`` unload every model but the ones
-    kept (``model_unload``: to its ``offload_device``); ``unload_model_clones`` forgets a
-    model without moving it. ``text_encoder_device`` is the CPU in low-VRAM modes
-    (``vram_state`` LOW/NO_VRAM), else the GPU; ``should_use_fp16`` is false on the CPU.
-    ``device`` stands for the GPU.
+    ``load_models_gpu``: a model loaded already moves to the front of
+    ``current_loaded_models`` (most recent first) and only the inference reserve is freed;
+    otherwise its clones are unloaded in place (``unload_model_clones``), room is made with
+    ``free_memory(1.3 * its size + reserve)`` on its device, and it is patched and moved there
+    (``LoadedModel.model_load``). ``free_memory`` first unloads, in place, models nothing else
+    references (``sys.getrefcount(patcher) <= 2``), then unloads models on that device, last
+    used first, until ``capacity`` leaves enough free (``capacity`` None: nothing needs
+    evicting). ``minimum_inference_memory``: the reserve (1 GiB in Forge; ``reserve`` bytes
+    here). ``text_encoder_device`` is the CPU in low-VRAM modes (``vram_state`` LOW/NO_VRAM),
+    else the GPU; ``should_use_fp16`` is false on the CPU. ``device`` stands for the GPU;
+    ``load_calls`` records, per ``load_models_gpu`` call, the devices each model's tensors
+    were on when the manager was asked (before it made room).
     """
 
-    def __init__(self, device: str = "cpu", *, low_vram: bool = False, fp16: bool = True):
+    def __init__(
+        self,
+        device: str = "cpu",
+        *,
+        low_vram: bool = False,
+        fp16: bool = True,
+        capacity: int | None = None,
+        reserve: int = 0,
+    ):
         self.device = torch.device(device)
         self.low_vram = low_vram
         self.fp16 = fp16
+        self.capacity = capacity
+        self.reserve = reserve
         self.current_loaded_models: list[ForgeLoadedModel] = []
+        self.load_calls: list[list[set[torch.device]]] = []
 
     def get_torch_device(self) -> torch.device:
         return self.device
@@ -529,15 +619,46 @@ class ForgeMemoryManagement:
     def should_use_bf16(self, device=None, **_: Any) -> bool:
         return False
 
+    def minimum_inference_memory(self) -> int:
+        return self.reserve
+
+    def get_free_memory(self, device) -> float:
+        if self.capacity is None:
+            return float("inf")
+        used = sum(module_bytes(m.model.model, device) for m in self.current_loaded_models)
+        return self.capacity - used
+
     def load_models_gpu(self, models, memory_required=0, hard_memory_preservation=0) -> None:
+        self.load_calls.append(
+            [{t.device for t in (*m.model.parameters(), *m.model.buffers())} for m in models]
+        )
+        reserve = max(self.minimum_inference_memory(), memory_required)
+        to_load, already = [], []
         for patcher in models:
             loaded = ForgeLoadedModel(patcher)
             if loaded in self.current_loaded_models:
-                self.current_loaded_models.remove(loaded)
+                index = self.current_loaded_models.index(loaded)
+                self.current_loaded_models.insert(0, self.current_loaded_models.pop(index))
+                already.append(loaded)
             else:
-                self.unload_model_clones(patcher)
-                patcher.model.to(patcher.load_device)
-                patcher.current_device = patcher.load_device
+                to_load.append(loaded)
+        if not to_load:
+            for device in {m.device for m in already}:
+                if device.type != "cpu":
+                    self.free_memory(reserve, device, already)
+            return
+        for loaded in to_load:
+            self.unload_model_clones(loaded.model)
+        for loaded in to_load:
+            size = sum(
+                t.nbytes
+                for t in (*loaded.model.model.parameters(), *loaded.model.model.buffers())
+                if t.device != loaded.device
+            )
+            if loaded.device.type != "cpu":
+                self.free_memory(size * 1.3 + reserve, loaded.device, already)
+        for loaded in to_load:
+            loaded.model_load()
             self.current_loaded_models.insert(0, loaded)
 
     def unload_model_clones(self, model) -> None:
@@ -546,10 +667,20 @@ class ForgeMemoryManagement:
             loaded.model_unload(avoid_model_moving=True)
 
     def free_memory(self, memory_required, device, keep_loaded=(), free_all=False) -> None:
-        for loaded in list(self.current_loaded_models):
-            if loaded not in keep_loaded:
-                self.current_loaded_models.remove(loaded)
-                loaded.model_unload()
+        import sys
+
+        for i in range(len(self.current_loaded_models) - 1, -1, -1):
+            # the list's reference and getrefcount's argument: nobody else holds the patcher
+            if sys.getrefcount(self.current_loaded_models[i].model) <= 2:
+                self.current_loaded_models.pop(i).model_unload(avoid_model_moving=True)
+        if free_all:
+            memory_required = float("inf")
+        for i in range(len(self.current_loaded_models) - 1, -1, -1):
+            if not free_all and self.get_free_memory(device) > memory_required:
+                break
+            loaded = self.current_loaded_models[i]
+            if loaded.device == torch.device(device) and loaded not in keep_loaded:
+                self.current_loaded_models.pop(i).model_unload()
 
     def unload_all_models(self) -> None:
         self.free_memory(1e30, self.device, free_all=True)
@@ -573,6 +704,8 @@ class ForgeMemoryManagement:
             "unload_model_clones",
             "free_memory",
             "unload_all_models",
+            "minimum_inference_memory",
+            "get_free_memory",
         ):
             setattr(mm, name, getattr(self, name))
         mm.current_loaded_models = self.current_loaded_models

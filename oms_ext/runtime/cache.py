@@ -62,6 +62,9 @@ class ModelCache:
 
     def __init__(self, offload_device: torch.device | str = "cpu") -> None:
         self.offload_device = torch.device(offload_device)
+        #: Called with a model the cache lets go of, before another one loads (a host's
+        #: memory manager that holds it, e.g. Forge's, unloads it there).
+        self.release_listeners: list[Callable[[OMSModel], None]] = []
         self._lock = threading.Lock()
         self._key: CacheKey | None = None
         self._model: OMSModel | None = None
@@ -80,17 +83,20 @@ class ModelCache:
     def key(self) -> CacheKey | None:
         return self._key
 
-    def get(self, key: CacheKey, load: Callable[[], OMSModel]) -> OMSModel:
-        """The cached model for ``key`` on ``key.device``, loading it with ``load()`` if the
-        cache holds another one (which is released first, so two never coexist)."""
+    def get(self, key: CacheKey, load: Callable[[], OMSModel], *, place: bool = True) -> OMSModel:
+        """The cached model for ``key``, loading it with ``load()`` if the cache holds another
+        one (which is released first, so two never coexist). ``place``: move it wholly to
+        ``key.device`` (False: a host's memory manager places it, as Forge's does). A move
+        that fails half-way drops the model, so the next call loads it afresh instead of
+        computing across two devices, and re-raises."""
         with self._lock:
             if self._key != key or self._model is None:
                 self._release()
                 model = load()
                 self._key, self._model = key, model
             model = self._model
-            if not same_device(model.device, key.device):
-                model.to(device=key.device)
+            if place and not _wholly_on(model, key.device):
+                self._move_or_drop(model, key.device)
             return model
 
     def offload(self) -> int:
@@ -99,13 +105,13 @@ class ModelCache:
         already there)."""
         with self._lock:
             model = self._model
-            if model is None or same_device(model.device, self.offload_device):
+            if model is None or _wholly_on(model, self.offload_device):
                 return 0
             device = model.device
             held = _bytes_on(model, device)
-            model.to(device=self.offload_device)
+            self._move_or_drop(model, self.offload_device)
             _empty_device_cache()
-            return held - _bytes_on(model, device)
+            return held - (_bytes_on(model, device) if self._model is model else 0)
 
     def drop_borrowed_from_other_checkpoint(self, checkpoint_id: str) -> bool:
         """Drop the cached model if it borrows the text encoder of a checkpoint other than
@@ -125,15 +131,30 @@ class ModelCache:
             parts = self._model.tensors() if self._model is not None else {}
         return {part: _sum_bytes(tensors, device) for part, tensors in parts.items()}
 
+    def _move_or_drop(self, model: OMSModel, device: torch.device | str) -> None:
+        try:
+            model.to(device=device)
+        except BaseException:
+            self._release()
+            raise
+
     def _release(self) -> None:
         if self._model is not None:
+            model = self._model
             self._key, self._model = None, None
+            for listener in self.release_listeners:
+                listener(model)
+            del model
             gc.collect()
             _empty_device_cache()
 
 
 def _sum_bytes(tensors: list[torch.Tensor], device: torch.device | str) -> int:
     return sum(t.nbytes for t in tensors if same_device(t.device, device))
+
+
+def _wholly_on(model: OMSModel, device: torch.device | str) -> bool:
+    return all(same_device(d, device) for d in model.devices())
 
 
 def _bytes_on(model: OMSModel, device: torch.device | str) -> int:

@@ -54,7 +54,9 @@ class ModelRequest:
     encoder runs when not beside the module (the CPU). ``borrowed_encoder``/``borrowed_id``:
     a factory for the checkpoint's own text encoder to reuse (SD2.x; called only when the
     model is (re)loaded) and an id naming it for the cache (e.g. the checkpoint's hash);
-    None/"" to use the encoder the module names.
+    None/"" to use the encoder the module names. ``managed``: the host's memory manager moves
+    the model to ``device`` (Forge's, which first makes room there): it is loaded on the CPU
+    and the cache never moves it.
     """
 
     choice: str
@@ -68,6 +70,13 @@ class ModelRequest:
     endpoint: str | None = None
     borrowed_encoder: Callable[[], PromptEncoderLike] | None = None
     borrowed_id: str = ""
+    managed: bool = False
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where the files are read to: the CPU when the host's memory manager places the
+        model, else its device."""
+        return torch.device("cpu") if self.managed else self.device
 
 
 def provide_model(
@@ -98,7 +107,9 @@ def provide_model(
         str(request.text_device) if request.text_device is not None else "",
     )
     try:
-        return cache.get(key, lambda: _load(resolved, request, cache, download))
+        return cache.get(
+            key, lambda: _load(resolved, request, cache, download), place=not request.managed
+        )
     except (OMSLoadError, TextEncoderNotFound, TextEncoderError) as e:
         e.reason = f"module {resolved.name}: {e.reason}"
         raise
@@ -137,7 +148,7 @@ def _load(
     cache: ModelCache,
     download: Callable[..., Path],
 ) -> OMSModel:
-    device, dtype, models_dir = request.device, request.dtype, request.folders[0]
+    device, dtype, models_dir = request.load_device, request.dtype, request.folders[0]
     path = resolved.path
     if resolved.present and path.is_file():
         read_header(path)  # a broken file fails here, before any encoder download

@@ -13,7 +13,7 @@ OMS module is registered with it through a ModelPatcher. Those imports happen in
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 
 from oms_ext.loading import OMSModel
 from oms_ext.prompt_syntax import PromptSyntax
+from oms_ext.runtime.cache import same_device
 from oms_ext.runtime.runner import BatchInputs
 from oms_ext.text import SD2_OMS_LAYERS, Prompt, PromptEncoder, wrap_transformers_clip
 from oms_ext.webui.a1111 import collect_batch_inputs, judged_family
@@ -107,11 +108,15 @@ def model_dtype(device: torch.device) -> torch.dtype:
 
 
 class _ManagedEncoder(PromptEncoder):
-    """A borrowed encoder whose weights Forge's memory manager must load before use."""
+    """A borrowed encoder whose weights Forge's memory manager must load before use: through
+    the checkpoint's *current* clip patcher (``patcher_of()``), since Forge makes a new clone
+    of it, with its own LoRA patches, each time the LoRA set changes
+    (``sd_forge_lora/networks.py`` ``load_networks``); loading an old clone would bake stale
+    LoRAs into the shared weights (and patch them twice per generation)."""
 
-    def __init__(self, inner: PromptEncoder, patcher: Any) -> None:
+    def __init__(self, inner: PromptEncoder, patcher_of: Callable[[], Any]) -> None:
         self.inner = inner
-        self.patcher = patcher
+        self.patcher_of = patcher_of
         self.hidden_size = inner.hidden_size
         self.device = inner.device
         self.dtype = inner.dtype
@@ -124,7 +129,9 @@ class _ManagedEncoder(PromptEncoder):
         return self
 
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        _memory_module().load_models_gpu([self.patcher])
+        patcher = self.patcher_of()
+        if patcher is not None:
+            _memory_module().load_models_gpu([patcher])
         return self.inner(prompts)
 
     def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
@@ -164,8 +171,10 @@ def sd2_text_encoder(sd_model: Any) -> PromptEncoder | None:
     inner = wrap_transformers_clip(
         transformer, tokenizer, num_layers=SD2_OMS_LAYERS, compute_device=text_encoder_device
     )
-    patcher = getattr(clip, "patcher", None)
-    return inner if patcher is None else _ManagedEncoder(inner, patcher)
+    if getattr(clip, "patcher", None) is None:
+        return inner
+    objects = sd_model.forge_objects
+    return _ManagedEncoder(inner, lambda: getattr(getattr(objects, "clip", None), "patcher", None))
 
 
 def text_encoder_device() -> torch.device:
@@ -198,7 +207,9 @@ def _patcher_class() -> Any:
 
 class _OMSWeights(torch.nn.Module):
     """Container registering the OMS module (and an owned text encoder that runs beside it)
-    with Forge."""
+    with Forge. Forge moves models with ``.to()`` (``LoadedModel.model_load`` /
+    ``model_unload``, backend/memory_management.py): the model's cached prompt text states
+    move with them, so none stay in VRAM when Forge unloads the module to make room."""
 
     def __init__(self, model: OMSModel) -> None:
         super().__init__()
@@ -207,12 +218,21 @@ class _OMSWeights(torch.nn.Module):
         self.text_encoders = torch.nn.ModuleList(
             model.text_encoder.owned_modules() if follows else []
         )
+        self.prompt_cache = model.prompt_cache
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _OMSWeights:
+        super()._apply(fn, recurse)
+        for text, states in self.prompt_cache.items():
+            self.prompt_cache[text] = fn(states)
+        return self
 
 
 class ForgeMemory:
-    """Loads the OMS model to the GPU through Forge's memory manager, which offloads it when
-    other models need the room, and unloads it through the manager when OMS lets go of the
-    GPU (:meth:`release`). Keeps one ModelPatcher per model so Forge recognises it as loaded.
+    """Loads the OMS model to the GPU through Forge's memory manager, which first makes room
+    there (unloading other models, keeping its inference reserve) and offloads it when other
+    models need the room, and unloads it through the manager when OMS lets go of the GPU
+    (:meth:`release`). The model comes to :meth:`load` on the CPU: only the manager moves it
+    to the GPU. Keeps one ModelPatcher per model so Forge recognises it as loaded.
     ``offload_device``: where Forge unloads it to (the CPU)."""
 
     def __init__(self, offload_device: torch.device | str = "cpu") -> None:
@@ -221,10 +241,11 @@ class ForgeMemory:
         self._patcher: Any = None
 
     def load(self, model: OMSModel) -> None:
-        """Ask Forge to put ``model`` on its compute device (freeing others as needed)."""
+        """Ask Forge to put ``model`` on its compute device (freeing others as needed). A
+        model held before is unloaded first, so two never share VRAM."""
         mm = _memory_module()
         if self._model is not model:
-            self.release()
+            self.forget()
             self._model = model
             self._patcher = _patcher_class()(
                 _OMSWeights(model),
@@ -234,7 +255,13 @@ class ForgeMemory:
         mm.load_models_gpu([self._patcher])
         # Forge may leave plain torch layers on the CPU when it "swaps" a model in low VRAM;
         # the OMS module is small, so finish the move instead of computing across devices.
-        model.to(device=mm.get_torch_device())
+        device = torch.device(mm.get_torch_device())
+        if any(not same_device(d, device) for d in model.devices()):
+            try:
+                model.to(device=device)
+            except BaseException:
+                self.forget()  # back to the CPU, whole: the next generation tries again
+                raise
 
     def release(self) -> bool:
         """Unload the OMS model as Forge unloads its own: taken out of the manager's loaded
@@ -255,3 +282,9 @@ class ForgeMemory:
         """Release the model and drop the references to it (the cache dropped it)."""
         self.release()
         self._model, self._patcher = None, None
+
+    def drop(self, model: OMSModel) -> None:
+        """The model cache let go of ``model``: if Forge holds it, unload it now, before the
+        cache loads the next one (another module, precision, the fp32 retry)."""
+        if model is self._model:
+            self.forget()

@@ -100,6 +100,9 @@ class OMSController:
             raise ValueError(f"Host.kind must be 'a1111' or 'forge', got {host.kind!r}")
         self.host = host
         self.adapter = forge if host.kind == "forge" else a1111
+        memory = host.forge_memory
+        if memory is not None and memory.drop not in host.cache.release_listeners:
+            host.cache.release_listeners.append(memory.drop)
 
     # --- callbacks ---------------------------------------------------------------------
 
@@ -148,8 +151,6 @@ class OMSController:
         """The WebUI loaded a checkpoint: OMS leaves the GPU, and a model borrowing the text
         encoder of the previous checkpoint is dropped (its tower is never kept alive)."""
         if self.host.cache.drop_borrowed_from_other_checkpoint(_checkpoint_id(sd_model)):
-            if self.host.forge_memory is not None:
-                self.host.forge_memory.forget()
             self.host.log("[OMS] checkpoint changed: dropped the OMS model borrowing its encoder")
         self.release_gpu("checkpoint changed")
 
@@ -257,13 +258,7 @@ class OMSController:
         loaded: list[OMSModel] = []
 
         def load(fp32: bool) -> OMSModel:
-            request = self._request(p.oms_args, inputs.family, settings, sd_model)
-            if fp32:
-                self.host.cache.note_half_precision_nan(request.device)
-                request = replace(request, dtype=torch.float32)
-            model = provide_model(request, self.host.cache)
-            if self.host.forge_memory is not None:
-                self.host.forge_memory.load(model)
+            model = self.provide(p.oms_args, inputs.family, settings, sd_model, fp32=fp32)
             loaded.append(model)
             return model
 
@@ -288,6 +283,21 @@ class OMSController:
         if outcome.message:
             self.host.log(outcome.message)
         return outcome
+
+    def provide(
+        self, args: OMSArgs, family: str, settings: Settings, sd_model: Any, *, fp32: bool = False
+    ) -> OMSModel:
+        """The OMS model for this generation, ready on its device: read to the CPU and moved
+        by Forge's memory manager on Forge (which makes room first), placed by the cache on
+        A1111. ``fp32``: the retry after half precision gave NaN."""
+        request = self._request(args, family, settings, sd_model)
+        if fp32:
+            self.host.cache.note_half_precision_nan(request.device)
+            request = replace(request, dtype=torch.float32)
+        model = provide_model(request, self.host.cache)
+        if request.managed and self.host.forge_memory is not None:
+            self.host.forge_memory.load(model)
+        return model
 
     def _request(
         self, args: OMSArgs, family: str, settings: Settings, sd_model: Any
@@ -317,6 +327,8 @@ class OMSController:
             endpoint=settings.hf_endpoint.strip() or None,
             borrowed_encoder=factory,
             borrowed_id=borrowed_id,
+            # Forge's memory manager places the model; "OMS runs on: cpu" never touches VRAM
+            managed=self.host.forge_memory is not None and settings.device != "cpu",
         )
 
     def _borrowed_encoder(
