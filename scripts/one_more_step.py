@@ -128,6 +128,7 @@ def _make_host() -> Host:
         if IS_FORGE
         else (lambda _device: a1111.model_dtype(devices, shared.cmd_opts)),
         prompt_syntax=a1111.WebUIPromptSyntax(prompt_parser, extra_networks, shared.opts),
+        precision_scope=functools.partial(a1111.own_precision, devices),
     )
 
 

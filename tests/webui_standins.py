@@ -279,6 +279,7 @@ class Txt2Img:
     infotexts: list = field(default_factory=list)
     comments: dict = field(default_factory=dict)
     scripts: Any = None
+    devices: Any = None
 
     def comment(self, text: str) -> None:
         """``StableDiffusionProcessing.comment``: shown under the result (``Processed``)."""
@@ -350,7 +351,9 @@ def process_images(p: Txt2Img) -> Processed:
         # setup_conds: prompt editing counts the sampler's total steps (second-order
         # samplers such as Heun and DPM2 take two model calls a step: SamplerData.total_steps)
         p.firstpass_steps = p.steps * (2 if p.second_order_sampler else 1)
-        samples = p.sample()
+        # with devices.without_autocast() if devices.unet_needs_upcast else devices.autocast():
+        with p.devices.autocast() if p.devices is not None else contextlib.nullcontext():
+            samples = p.sample()
         p.scripts.postprocess_batch(p, samples)
         p.infotexts.append(dict(p.extra_generation_params))
     # Processed(p, images, infotexts=...): comments are read here, then scripts' postprocess.
@@ -463,6 +466,73 @@ def run_xyz_cells(p: Txt2Img, cells: list[dict[str, Any]]) -> list[Txt2Img]:
         process_images(pc)
         done.append(pc)
     return done
+
+
+# --- A1111's precision casts around sampling --------------------------------------------------
+
+
+class A1111Devices:
+    """A1111 1.10.1 ``modules/devices.py``: ``autocast()``, which ``process_images_inner``
+    samples inside, and ``manual_cast(dtype)``, which it returns instead of
+    ``torch.autocast("cuda")`` on GTX 16xx / XPU / MPS without ``--upcast-sampling``.
+
+    ``mode``: "autocast" (``torch.autocast("cuda")``, played by the CPU's autocast in bf16: no
+    CUDA here), "manual_cast" (the layer classes of ``patch_module_list`` get a forward that
+    casts tensor inputs and weights to ``dtype`` around the original, kept as the class's
+    ``org_forward``; MultiheadAttention is cast to float32) or "off" (``--no-half``: no cast).
+    """
+
+    patch_module_list = (
+        torch.nn.Linear,
+        torch.nn.Conv2d,
+        torch.nn.MultiheadAttention,
+        torch.nn.GroupNorm,
+        torch.nn.LayerNorm,
+    )
+
+    def __init__(self, mode: str, dtype: torch.dtype = torch.float16) -> None:
+        self.mode = mode
+        self.dtype = dtype
+
+    def autocast(self) -> Any:
+        if self.mode == "autocast":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.mode == "manual_cast":
+            return self.manual_cast(self.dtype)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def manual_cast(self, dtype: torch.dtype):
+        def casting(target: torch.dtype):
+            def forward(module, *args, **kwargs):
+                args = [a.to(target) if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {
+                    k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+                }
+                weights = {p.dtype for p in module.parameters()}
+                module.to(target)
+                try:
+                    return type(module).org_forward(module, *args, **kwargs)
+                finally:
+                    if weights and weights != {target}:
+                        module.to(weights.pop())
+
+            return forward
+
+        patched = []
+        for cls in self.patch_module_list:
+            if "org_forward" in vars(cls):
+                continue
+            cls.org_forward = cls.forward
+            target = torch.float32 if cls is torch.nn.MultiheadAttention else dtype
+            cls.forward = casting(target)
+            patched.append(cls)
+        try:
+            yield
+        finally:
+            for cls in patched:
+                cls.forward = cls.org_forward
+                del cls.org_forward
 
 
 # --- Forge's memory manager -------------------------------------------------------------------

@@ -16,8 +16,9 @@ Hooking, one mechanism per version so OMS runs exactly once per batch:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,27 @@ from oms_ext.runtime.runner import BatchInputs, ImageSeeds
 from oms_ext.webui.samplers import sampler_start
 
 HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"
+
+
+@contextlib.contextmanager
+def own_precision(devices: Any) -> Iterator[None]:
+    """Run the OMS step in the precision OMS chose, although A1111 samples inside
+    ``devices.autocast()`` (``modules/processing.py`` ``process_images_inner``):
+    ``torch.autocast("cuda")`` there is turned off, and ``devices.manual_cast(dtype)`` (GTX
+    16xx, XPU, MPS without ``--upcast-sampling``), which swaps the forward of each layer
+    class in ``devices.patch_module_list`` for one casting to ``dtype`` and keeps the
+    original as the class's ``org_forward``, is undone for the step and put back after.
+    Without it the fp32 retry after an fp16 NaN ran in fp16 again."""
+    classes = getattr(devices, "patch_module_list", ()) or ()
+    casts = {cls: cls.forward for cls in classes if "org_forward" in vars(cls)}
+    try:
+        for cls in casts:
+            cls.forward = cls.org_forward
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        for cls, forward in casts.items():
+            cls.forward = forward
 
 
 def model_family(sd_model: Any) -> str:

@@ -15,8 +15,10 @@ infotext and, through the WebUI's own ``p.comment``, one line under the result.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +77,9 @@ class Host:
     calls ``process_before_every_sampling`` (A1111 >= 1.10, Forge). ``log``: console output.
     ``webui_dtype``: the precision the WebUI runs its own models in on a device (None: fp16
     on GPUs). ``prompt_syntax``: the WebUI's prompt parser (:class:`a1111.WebUIPromptSyntax`);
-    this package's own implementation of its rules when absent.
+    this package's own implementation of its rules when absent. ``precision_scope``: where
+    the OMS step runs inside the WebUI's sampling, so that no cast of the WebUI's overrides
+    the precision OMS chose (:func:`a1111.own_precision`).
     """
 
     kind: str
@@ -90,6 +94,7 @@ class Host:
     forge_memory: forge.ForgeMemory | None = field(default=None)
     webui_dtype: Callable[[torch.device], torch.dtype] | None = None
     prompt_syntax: PromptSyntax = field(default_factory=PlainSyntax)
+    precision_scope: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
 
 class OMSController:
@@ -262,7 +267,8 @@ class OMSController:
             loaded.append(model)
             return model
 
-        outcome = run_oms(inputs, p.oms_args, load)
+        with self.host.precision_scope():
+            outcome = run_oms(inputs, p.oms_args, load)
         if first_pass:
             p.oms_last_batch = batch
         # On Forge "auto" leaves it to the memory manager, which frees models as needed.
