@@ -137,22 +137,22 @@ class OneMoreStepScript(scripts.Script):
         return TITLE
 
     def show(self, is_img2img: bool):
-        return False if is_img2img else scripts.AlwaysVisible
+        # img2img too, with no controls: OMS acts on txt2img only, but lets go of the GPU there
+        return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool):
+        if is_img2img:
+            return []
         built = build_ui(gr, _input_accordion(), _choices, __version__, _module_notes)
+        _TXT2IMG_UI[:] = [built]
         self.infotext_fields = built.infotext_fields
-
-        def follow(component: Any, **kwargs: Any) -> None:
-            # the checkpoint list is built after the txt2img tab, at the top of the page
-            if is_checkpoint_list(kwargs):
-                follow_checkpoint_list(gr, component, built, _module_notes)
-
-        script_callbacks.on_after_component(follow)  # cleared with every UI (re)build
         self.paste_field_names = [f.label for f in INFOTEXT_FIELDS]
         return built.inputs
 
     def process(self, p, *args) -> None:
+        if getattr(self, "is_img2img", False):  # set by the WebUI's ScriptRunner
+            _controller().process_without_oms(p, "img2img generation")
+            return
         _controller().process(p, args)
 
     def process_batch(self, p, *args, **kwargs) -> None:
@@ -168,6 +168,16 @@ class OneMoreStepScript(scripts.Script):
 
     def postprocess(self, p, processed, *args) -> None:
         _controller().postprocess(p, processed)
+
+
+#: The txt2img UI built last: the page's, since the WebUI builds the checkpoint list after it.
+_TXT2IMG_UI: list[Any] = []
+
+
+def _on_after_component(component: Any, **kwargs: Any) -> None:
+    """Redraw the module notes when another checkpoint is picked in the WebUI's list."""
+    if _TXT2IMG_UI and is_checkpoint_list(kwargs):
+        follow_checkpoint_list(gr, component, _TXT2IMG_UI[0], _module_notes)
 
 
 def _on_ui_settings() -> None:
@@ -212,6 +222,9 @@ script_callbacks.on_ui_settings(_on_ui_settings)
 script_callbacks.on_before_ui(_on_before_ui)
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_model_loaded(_on_model_loaded)
+# once per load of this file (the WebUI clears callbacks and reloads scripts together), not
+# per ui() call: the WebUI calls ui() more than once per tab
+script_callbacks.on_after_component(_on_after_component)
 if not IS_FORGE:  # Forge unloads OMS itself: its memory manager holds it
     from modules import sd_models
 

@@ -34,7 +34,9 @@ def sizes() -> dict[str, int]:
 
 def _controller(models_dir: Path, kind: str, gpu_memory: str = "auto", **cmd_opts) -> OMSController:
     opts = SimpleNamespace(
-        sgm_noise_multiplier=False, oms_gpu_memory=gpu_memory, oms_dtype="fp32"  # sizes are fp32
+        sgm_noise_multiplier=False,
+        oms_gpu_memory=gpu_memory,
+        oms_dtype="fp32",  # sizes are fp32
     )
     host = Host(
         kind=kind,
@@ -113,9 +115,7 @@ def test_vram_held_before_during_and_after_a_generation(
 
 
 @pytest.mark.parametrize("kind", ["a1111", "forge"])
-def test_a_generation_with_oms_off_after_one_with_it_frees_the_gpu(
-    models_dir, forge_backend, kind
-):
+def test_a_generation_with_oms_off_after_one_with_it_frees_the_gpu(models_dir, forge_backend, kind):
     controller = _controller(models_dir, kind, GPU_KEEP)
     _generate(controller)
     assert _held(controller) > 0
@@ -160,9 +160,7 @@ def test_a_model_borrowing_a_checkpoints_encoder_is_dropped_with_the_checkpoint(
     ("setting", "saves_vram", "expected"),
     [("auto", True, "cpu"), ("auto", False, None), ("cpu", False, "cpu"), ("gpu", True, None)],
 )
-def test_the_text_encoder_runs_on_the_cpu_where_the_webui_saves_vram(
-    setting, saves_vram, expected
-):
+def test_the_text_encoder_runs_on_the_cpu_where_the_webui_saves_vram(setting, saves_vram, expected):
     got = text_encoder_device(Settings(text_encoder_device=setting), saves_vram)
     assert got == (torch.device(expected) if expected else None)
 
@@ -177,3 +175,26 @@ def test_auto_keeps_the_text_encoder_off_the_gpu_where_the_webui_saves_vram(
     controller = _controller(models_dir, kind, **cmd_opts)
     request = controller._request(OMSArgs(enabled=True, module="oms_tiny"), "sd1", Settings(), None)
     assert request.text_device == CPU
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_free_after_each_generation_frees_once_after_the_last_batch(
+    models_dir, forge_backend, kind
+):
+    controller = _controller(models_dir, kind, GPU_FREE)
+    releases: list[str] = []
+    real_release = controller.release_gpu
+
+    def release(why):
+        releases.append(why)
+        real_release(why)
+
+    controller.release_gpu = release
+    version = "forge" if kind == "forge" else "1.10"
+    p = wi.Txt2Img(
+        version=version, n_iter=3, sampler_factory=lambda: wi.KDiffusionSampler(opts=None)
+    )
+    p.scripts = wi.ScriptRunner(controller, version, [True, "", "", 2.0, "oms_tiny"])
+    wi.process_images(p)
+    assert all("OMS alpha_bar0" in info for info in p.infotexts)
+    assert releases == ["generation done"] and _held(controller) == 0

@@ -81,20 +81,32 @@ def script_module(monkeypatch, tmp_path):
     return module
 
 
-def test_script_registers_settings_xyz_and_api_callbacks_once(script_module):
-    """At import; the UI adds its after-component callback when it is built."""
+def test_script_registers_its_callbacks_once_at_import_however_often_ui_is_called(
+    script_module,
+):
+    for is_img2img in (False, True, False, True):  # the WebUI calls ui() more than once a tab
+        script_module.OneMoreStepScript().ui(is_img2img)
     assert {k: len(v) for k, v in script_module.callbacks.items()} == {
         "on_ui_settings": 1,
         "on_before_ui": 1,
         "on_app_started": 1,
         "on_model_loaded": 1,
         "on_script_unloaded": 1,
+        "on_after_component": 1,
     }
 
 
-def test_script_shows_in_txt2img_only_and_returns_inputs_in_field_order(script_module):
+def test_the_checkpoint_list_is_followed_once_by_the_last_txt2img_ui(script_module, tmp_path):
+    _checkpoints(tmp_path, loaded_key="sd15")
+    script_module.OneMoreStepScript().ui(False)  # e.g. the API's call, before the page's
+    checkpoint_list = _build_page(script_module, elem_id="setting_sd_model_checkpoint")
+    assert len(checkpoint_list.changes) == 1
+
+
+def test_script_has_no_controls_in_img2img_and_returns_inputs_in_field_order(script_module):
     script = script_module.OneMoreStepScript()
-    assert script.show(True) is False
+    assert script.show(True) is script.show(False) is sys.modules["modules.scripts"].AlwaysVisible
+    assert script.ui(True) == []
     inputs = script.ui(False)
     assert len(inputs) == len(FIELDS)
     assert script.paste_field_names == [f.label for f in INFOTEXT_FIELDS]
@@ -154,6 +166,16 @@ def test_unloading_the_checkpoint_to_ram_also_takes_oms_off_the_gpu(script_modul
     script_module.callbacks["on_script_unloaded"][0]()  # the undo restores the WebUI's function
     sys.modules["modules.sd_models"].unload_model_weights()
     assert released == ["release"]
+
+
+def test_an_img2img_generation_takes_oms_off_the_gpu_and_never_runs_it(
+    script_module, released
+):
+    script = script_module.OneMoreStepScript()
+    script.is_img2img = True  # modules.scripts.ScriptRunner sets it on each script instance
+    p = SimpleNamespace()
+    script.process(p)  # img2img has no OMS controls: no args
+    assert released == ["release"] and not p.oms_args.enabled
 
 
 def test_loading_another_checkpoint_takes_oms_off_the_gpu(script_module, released):

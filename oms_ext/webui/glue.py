@@ -53,6 +53,7 @@ from oms_ext.webui.settings import (
     compute_dtype,
     cpu_text_dtype,
     frees_gpu_after_each_generation,
+    frees_gpu_after_its_step,
     models_folders,
     text_encoder_device,
 )
@@ -137,9 +138,15 @@ class OMSController:
         p.oms_args = args
         p.oms_last_batch = None
         p.oms_previews = []
+        p.oms_release_after_generation = False
         if not args.enabled:
             self.release_gpu("OMS is off")  # VRAM is the user's: nothing of OMS stays there
         return args
+
+    def process_without_oms(self, p: Any, why: str) -> None:
+        """A generation OMS takes no part in (img2img): nothing of OMS stays on the GPU."""
+        p.oms_args = OMSArgs()
+        self.release_gpu(why)
 
     def release_gpu(self, why: str) -> None:
         """Take the OMS model off the GPU: through Forge's memory manager on Forge, to the
@@ -192,7 +199,11 @@ class OMSController:
         """"Show OMS preview": after the run's images, one picture per image of what OMS
         predicted (x0_hat through the cheap latent-to-RGB map, at the image size), its
         infotext saying so, with brightness and main colour. Added after saving, so never
-        written to disk; the API returns them as it returns every image of the run."""
+        written to disk; the API returns them as it returns every image of the run.
+        With "free after each generation", OMS leaves the GPU here, once per generation."""
+        if getattr(p, "oms_release_after_generation", False):
+            p.oms_release_after_generation = False
+            self.release_gpu("generation done")
         previews = getattr(p, "oms_previews", None)
         if not previews:
             return
@@ -273,8 +284,10 @@ class OMSController:
             p.oms_last_batch = batch
         # On Forge "auto" leaves it to the memory manager, which frees models as needed.
         a1111_low_vram = self.host.kind == "a1111" and self._a1111_low_vram(inputs.family)
-        if loaded and frees_gpu_after_each_generation(settings, a1111_low_vram):
+        if loaded and frees_gpu_after_its_step(settings, a1111_low_vram):
             self.release_gpu("after its step")
+        elif loaded and frees_gpu_after_each_generation(settings):
+            p.oms_release_after_generation = True  # in postprocess, after the last batch
         infotext = outcome.infotext
         if outcome.applied and p.oms_args.module == AUTO_MODULE:
             # Name the module "Auto" picked, so pasting the infotext reproduces the image

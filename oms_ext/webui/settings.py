@@ -90,8 +90,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "auto",
         "OMS GPU memory between generations",
         GPU_MEMORY,
-        help="auto = freed under --lowvram/--medvram (Forge: its memory manager decides). "
-        "One More Step always leaves the GPU when it is switched off or the checkpoint changes",
+        help="auto = freed right after its step under --lowvram/--medvram (Forge: its memory "
+        "manager decides); free = when the whole generation is done. One More Step always "
+        "leaves the GPU when it is switched off, in img2img, or when the checkpoint changes",
     ),
     SettingSpec(
         "oms_allow_download",
@@ -209,6 +210,12 @@ def text_encoder_device(settings: Settings, webui_low_vram: bool) -> torch.devic
     return None
 
 
-def frees_gpu_after_each_generation(settings: Settings, webui_low_vram: bool) -> bool:
-    """Whether OMS leaves the GPU after its step ("auto": when the WebUI saves VRAM)."""
-    return settings.gpu_memory == GPU_FREE or (settings.gpu_memory == "auto" and webui_low_vram)
+def frees_gpu_after_its_step(settings: Settings, webui_low_vram: bool) -> bool:
+    """Whether OMS leaves the GPU right after its step, before the WebUI samples: "auto" when
+    the WebUI saves VRAM (``webui_low_vram``), where the sampler needs every byte."""
+    return settings.gpu_memory == "auto" and webui_low_vram
+
+
+def frees_gpu_after_each_generation(settings: Settings) -> bool:
+    """Whether OMS leaves the GPU when a generation (all its batches) is done."""
+    return settings.gpu_memory == GPU_FREE
