@@ -4,6 +4,7 @@ failure handling (OOM, NaN)."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ from oms_ext.runtime.provider import ModelRequest, provide_model
 from oms_ext.runtime.registry import (
     AUTO_MODULE,
     MODULE_FILES,
+    SD21_TEXT,
     fit_warning,
     module_choices,
     resolve_module,
@@ -180,7 +182,8 @@ def test_a_module_being_downloaded_is_not_fetched_twice(tmp_path):
             provide_model(_request(tmp_path), cache, download=slow)
     release.set()
     cache.downloads.wait()
-    assert calls == ["h1t/oms_b_openclip_15_21"]
+    # one job per folder: the module and SD 2.1's encoder it needs, each fetched once
+    assert sorted(calls) == ["h1t/oms_b_openclip_15_21", "stabilityai/stable-diffusion-2-1"]
 
 
 def test_missing_module_with_downloads_off_names_the_files_to_fetch(tmp_path):
@@ -209,12 +212,12 @@ def test_a_failed_download_fails_at_once_for_a_while_then_is_retried(tmp_path, m
         with pytest.raises(DownloadError) as err:
             provide_model(_request(tmp_path), cache, download=offline)
         assert err.value.reason == "could not download (offline?)"
-    assert len(calls) == 1
+    assert len(calls) == 2  # the module's job and the encoder's, once each
     clock[0] += cache.downloads.RETRY_AFTER_S
     with pytest.raises(DownloadPending):
         provide_model(_request(tmp_path), cache, download=offline)
     cache.downloads.wait()
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 class _FakeModel:
@@ -476,3 +479,104 @@ def test_a_mirror_address_with_a_trailing_slash_reaches_the_hub_client_without_i
         log=lambda _: None,
     )
     assert seen and set(seen) == {"https://mirror.example"}
+
+
+def test_a_second_module_needing_the_encoder_being_fetched_joins_that_download(tmp_path):
+    """Switching checkpoint during the first download: the SDXL module needs SD 2.1's encoder,
+    which the SD1.x module's download is fetching already; no second job clears its folder."""
+    release = threading.Event()
+    calls: list[tuple[str, Path]] = []
+
+    def slow(repo_id, files, target, *, endpoint=None):
+        calls.append((repo_id, target))
+        release.wait(10)
+        raise DownloadError("offline", reason="could not download (offline?)")
+
+    cache = ModelCache()
+    for family in ("sd1", "sdxl"):
+        cpu = torch.device("cpu")
+        request = ModelRequest(
+            AUTO_MODULE, family, (tmp_path,), cpu, torch.float32, allow_download=True
+        )
+        with pytest.raises(DownloadPending):
+            provide_model(request, cache, download=slow)
+    release.set()
+    cache.downloads.wait()
+    repos = sorted(repo for repo, _ in calls)
+    assert repos == ["h1t/oms_b_openclip_15_21", "h1t/oms_b_openclip_xl", SD21_TEXT.repo_id]
+    assert len({target for _, target in calls}) == 3
+
+
+def test_a_failed_download_lists_every_file_still_needed_for_a_download_by_hand(tmp_path):
+    def offline(repo_id, files, target, *, endpoint=None):
+        raise DownloadError(f"could not download {repo_id}", reason="could not download (offline?)")
+
+    cache = ModelCache()
+    with pytest.raises(DownloadPending):
+        provide_model(_request(tmp_path), cache, download=offline)
+    cache.downloads.wait()
+    with pytest.raises(DownloadError) as err:
+        provide_model(_request(tmp_path), cache, download=offline)
+    text = str(err.value)
+    assert all(name in text for name in (*MODULE_FILES, *SD21_TEXT.files))
+    assert len(SD21_TEXT.files) == 6
+
+
+class _InterruptingHub(FakeHub):
+    """The hub client's rule for ``local_dir`` downloads (huggingface_hub >= 0.23,
+    ``file_download._download_to_tmp_and_move``): bytes arrive in
+    ``<local_dir>/.cache/huggingface/download/<file>.incomplete`` and a later call resumes from
+    its size. The connection drops half-way through the weights the first time."""
+
+    def __init__(self):
+        super().__init__()
+        self.resumed_from: dict[str, int] = {}
+        self.dropped = False
+
+    def fetch(self, repo_id, filename, dest_dir, endpoint):
+        from tests.fake_hub import _served
+
+        data = _served(filename)
+        partial = dest_dir / ".cache" / "huggingface" / "download" / f"{filename}.incomplete"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        have = partial.stat().st_size if partial.exists() else 0
+        if have:
+            self.resumed_from[filename] = have
+        if filename.endswith(".safetensors") and not self.dropped:
+            partial.write_bytes(data[: len(data) // 2])
+            self.dropped = True
+            raise OSError("Connection reset by peer")
+        with partial.open("ab") as out:
+            out.write(data[have:])
+        dest = dest_dir / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, dest)
+        return dest
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path):
+    hub = _InterruptingHub()
+    with pytest.raises(DownloadError):
+        download(hub, tmp_path / "m")
+    weights = "oms_module/diffusion_pytorch_model.fp16.safetensors"
+    download(hub, tmp_path / "m")
+    assert hub.resumed_from == {weights: len(_served_bytes(weights)) // 2}
+    assert missing_files(tmp_path / "m", MODULE_FILES) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # staging gone once done
+
+
+def _served_bytes(name: str) -> bytes:
+    from tests.fake_hub import _served
+
+    return _served(name)
+
+
+def test_console_lines_are_written_in_one_piece(monkeypatch):
+    import sys
+
+    from oms_ext.runtime.download import console
+
+    writes: list[str] = []
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
+    console("[OMS] Downloading oms_b_openclip_15_21")
+    assert [w for w in writes if w] == ["[OMS] Downloading oms_b_openclip_15_21\n"]

@@ -1,11 +1,14 @@
 """Fetch the files an OMS module needs from the Hugging Face Hub into the models folder.
 
 Only the listed files are fetched (never pickles or fp32 copies). Each file is downloaded into
-a hidden staging folder beside the target (``.<name>.partial-*``, never listed as a module),
-verified, then moved into place with ``os.replace``, so an interrupted download never leaves a
-truncated file where loading would find it; staging folders an interrupted run left behind are
-removed by the next download of the same target. Verification: the size and sha256 the hub
-reports (LFS files) when it reports them, else a structural check (safetensors header, JSON).
+a hidden staging folder beside the target (``.<name>.partial-resume``, never listed as a
+module), verified, then moved into place with ``os.replace``, so an interrupted download never
+leaves a truncated file where loading would find it. The staging folder outlives a download
+that the network interrupted, so the next one resumes where it stopped (the hub client
+continues its ``.incomplete`` files there) instead of fetching 681 MB-5 GB again; it is removed
+once the files are in place, or when a file fails verification. Verification: the size and
+sha256 the hub reports (LFS files) when it reports them, else a structural check (safetensors
+header, JSON).
 
 :class:`DownloadJobs` runs downloads in the background, one per target, so the generation that
 asked for a missing module goes on without it and a second request does not fetch it again.
@@ -21,7 +24,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -35,7 +37,7 @@ from oms_ext.runtime.registry import TextEncoderFiles
 #: Refuse safetensors headers larger than this (a corrupt length field).
 MAX_HEADER_BYTES = 100_000_000
 HASH_CHUNK = 1 << 20
-#: Prefix of the hidden staging folders (``.<target name><STAGING_MARK><random>``).
+#: Prefix of the hidden staging folders (``.<target name><STAGING_MARK>resume``).
 STAGING_MARK = ".partial-"
 
 
@@ -69,8 +71,10 @@ def hub_fetch(repo_id: str, filename: str, dest_dir: Path, endpoint: str | None)
 
     kwargs = {}
     if _version_tuple(huggingface_hub.__version__) < (0, 23):
-        # Older clients put symlinks into the Hugging Face cache in local_dir by default.
+        # Older clients put symlinks into the Hugging Face cache in local_dir by default, and
+        # resume an interrupted download only when asked (newer ones always do).
         kwargs["local_dir_use_symlinks"] = False
+        kwargs["resume_download"] = True
     path = huggingface_hub.hf_hub_download(
         repo_id, filename, local_dir=str(dest_dir), endpoint=endpoint or None, **kwargs
     )
@@ -105,6 +109,12 @@ def hub_describe(
             sha = lfs.get("sha256")
         out[info.path] = RemoteFile(getattr(info, "size", None), sha)
     return out
+
+
+def console(line: str) -> None:
+    """Print one console line in a single write, so that lines from a download thread and a
+    generation never run together (``print`` writes the text and its newline separately)."""
+    print(f"{line}\n", end="", flush=True)
 
 
 #: Where files come from when no mirror endpoint is set.
@@ -192,14 +202,22 @@ def _check_safetensors_header(path: Path, size: int) -> None:
         )
 
 
+def staging_folder(target: Path) -> Path:
+    """Where the files of ``target`` are downloaded to before they are verified and moved in;
+    the same for every attempt, so an interrupted download resumes there."""
+    return target.parent / f".{target.name}{STAGING_MARK}resume"
+
+
 def remove_stale_staging(target: Path) -> None:
-    """Delete the staging folders of earlier downloads of ``target`` (an interrupted run's)."""
+    """Delete staging folders of ``target`` no download can resume (earlier releases named
+    them at random); the resumable one stays."""
     try:
         leftovers = list(target.parent.glob(f".{target.name}{STAGING_MARK}*"))
     except OSError:
         return
     for folder in leftovers:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder != staging_folder(target):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _folder_error(err: OSError, repo_id: str, target: Path) -> DownloadError:
@@ -239,7 +257,7 @@ def download_files(
     endpoint: str | None = None,
     fetch: Fetch = hub_fetch,
     describe: Describe = hub_describe,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = console,
     progress_every_s: float | None = None,
 ) -> Path:
     """Download the ``files`` of ``repo_id`` missing from ``target`` (created if needed).
@@ -263,11 +281,13 @@ def download_files(
         remove_stale_staging(target)
         remote = describe(repo_id, todo, endpoint)
         _check_free_space(remote, repo_id, target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+        staging = staging_folder(target)
+        staging.mkdir(exist_ok=True)
     except OSError as e:
         raise e if isinstance(e, DownloadError) else _folder_error(e, repo_id, target) from e
     every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
     watch = _ProgressLog(repo_id, staging, remote, log, every)
+    resumable = False
     try:
         for name in todo:
             try:
@@ -275,6 +295,7 @@ def download_files(
             except Exception as e:  # the hub client raises many unrelated types
                 if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                     raise _folder_error(e, repo_id, target) from e
+                resumable = True  # the network stopped it: keep what arrived
                 raise DownloadError(
                     _offline_message(repo_id, todo, target, e, endpoint),
                     reason=f"could not download {repo_id} (offline?); the console says which "
@@ -289,7 +310,8 @@ def download_files(
         raise e if isinstance(e, DownloadError) else _folder_error(e, repo_id, target) from e
     finally:
         watch.stop()
-        shutil.rmtree(staging, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(staging, ignore_errors=True)
     log(f"[OMS] Downloaded {repo_id} into {target}")
     return target
 
@@ -368,7 +390,7 @@ class DownloadJobs:
     #: Seconds during which a failed download of the same key is not tried again.
     RETRY_AFTER_S = 300.0
 
-    def __init__(self, log: Callable[[str], None] = print) -> None:
+    def __init__(self, log: Callable[[str], None] = console) -> None:
         self._log = log
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}

@@ -7,6 +7,7 @@ choice, passed in a :class:`ModelRequest`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,11 @@ def _download_in_background(
     cache: ModelCache,
     download: Callable[..., Path],
 ) -> NoReturn:
-    """Start (once) the download of what ``resolved`` still needs; always raises:
-    DownloadPending while it runs, DownloadError when downloads are off or failed lately."""
+    """Start (once) the downloads of what ``resolved`` still needs, one background job per
+    target folder (modules share SD 2.1's encoder: a second module needing it joins the job
+    already fetching it instead of starting one that would clear its staging folder); always
+    raises: DownloadPending while they run, DownloadError when downloads are off or one failed
+    lately. Both list every file still needed, with where to put it, for a download by hand."""
     sizes = " + ".join(f"{part.size_mb} MB" for part in needed)
     what = resolved.name if not resolved.present else f"the text encoder of {resolved.name}"
     listing = "\n".join(
@@ -209,20 +213,24 @@ def _download_in_background(
             reason=f"{what} is not downloaded ({sizes}) and downloads are off; allow them in "
             "Settings > One More Step, or see the console for the files to get",
         )
-    key = f"{request.endpoint or ''}|{resolved.path}"
-    failed = cache.downloads.recent_failure(key)
-    if failed is not None:
-        minutes = round(cache.downloads.RETRY_AFTER_S / 60)
-        raise DownloadError(
-            f"{failed}\n(a failed download is tried again {minutes} min after it failed)",
-            reason=failed.reason,
+    keys = [f"{request.endpoint or ''}|{part.target}" for part in needed]
+    for key in keys:
+        failed = cache.downloads.recent_failure(key)
+        if failed is not None:
+            minutes = round(cache.downloads.RETRY_AFTER_S / 60)
+            raise DownloadError(
+                f"{failed}\nEverything {resolved.name} still needs, to download by hand:\n"
+                f"{listing}\n(a failed download is tried again {minutes} min after it failed)",
+                reason=failed.reason,
+            )
+    started = False
+    for part, key in zip(needed, keys, strict=True):
+        started |= cache.downloads.start(
+            key,
+            functools.partial(
+                download, part.repo_id, part.files, part.target, endpoint=request.endpoint
+            ),
         )
-
-    def work() -> None:
-        for part in needed:
-            download(part.repo_id, part.files, part.target, endpoint=request.endpoint)
-
-    started = cache.downloads.start(key, work)
     raise DownloadPending(
         f"{'Started' if started else 'Still'} downloading {what} ({sizes}) in the "
         f"background:\n{listing}\nOMS applies to the generations after it has finished",

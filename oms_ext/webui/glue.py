@@ -42,6 +42,7 @@ from oms_ext.runtime.args import (
     OMSArgsError,
 )
 from oms_ext.runtime.cache import MODEL_CACHE, ModelCache
+from oms_ext.runtime.download import console
 from oms_ext.runtime.provider import ModelRequest, provide_model
 from oms_ext.runtime.registry import auto_module
 from oms_ext.runtime.runner import Outcome, run_oms, skipped
@@ -90,7 +91,7 @@ class Host:
     models_dir: Path
     extension_dir: Path
     before_every_sampling: bool
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = console
     cache: ModelCache = MODEL_CACHE
     forge_memory: forge.ForgeMemory | None = field(default=None)
     webui_dtype: Callable[[torch.device], torch.dtype] | None = None
