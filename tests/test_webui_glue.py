@@ -464,6 +464,17 @@ def test_the_preview_adds_one_picture_per_image_after_the_images(
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_the_save_button_saves_a_preview_under_the_seed_of_its_image(models_dir, version):
+    args = [True, "", "", 2.0, "oms_tiny", "Keep seed noise", True]
+    p, _ = make_run(models_dir, version, args=args, batch_size=2, n_iter=2)
+    processed = wi.process_images(p)
+    for image, text in enumerate(processed.infotexts[4:]):
+        seed, prompt = wi.save_button_fields(text)  # raised KeyError: 'Seed' before
+        assert seed == str(p.all_seeds[image])
+        assert prompt.startswith(f"One More Step preview of image {image + 1} (")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_without_the_preview_switch_the_run_has_only_its_own_images(models_dir, version):
     p, _ = make_run(models_dir, version, batch_size=2)
     processed = wi.process_images(p)

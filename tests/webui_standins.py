@@ -360,7 +360,7 @@ def process_images(p: Txt2Img) -> Processed:
     count = len(p.all_prompts)
     processed = Processed(
         images=[f"image {i}" for i in range(count)],
-        infotexts=[infotext_line(p.infotexts[i // p.batch_size]) for i in range(count)],
+        infotexts=[create_infotext(p, i) for i in range(count)],
         comments="".join(f"{comment}\n" for comment in p.comments),
     )
     p.scripts.postprocess(p, processed)
@@ -375,6 +375,8 @@ class Processed:
     images: list
     infotexts: list
     comments: str
+    #: 1 when a grid comes first (batch of several images with grids on), else 0
+    index_of_first_image: int = 0
 
 
 def start_alpha_bar_of(sampler: Any, steps: int) -> float:
@@ -435,6 +437,41 @@ def infotext_line(params: dict[str, Any]) -> str:
     return ", ".join(
         k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None
     )
+
+
+def create_infotext(p: Txt2Img, index: int) -> str:
+    """``modules.processing.create_infotext`` for image ``index`` of the run: its prompt, a
+    "Negative prompt:" line when there is one, then the parameter line (steps, its seed, the
+    batch's ``extra_generation_params``)."""
+    params = {"Steps": p.steps, "Seed": p.all_seeds[index], "Size": f"{p.width}x{p.height}"}
+    params.update(p.infotexts[index // p.batch_size])
+    negative = p.all_negative_prompts[index]
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{p.all_prompts[index]}{negative_line}\n{infotext_line(params)}".strip()
+
+
+def parse_generation_parameters(text: str) -> dict[str, str]:
+    """``modules.infotext_utils.parse_generation_parameters``: the last line is the parameter
+    line when it holds at least three ``key: value`` pairs; the lines before a "Negative
+    prompt:" line are the prompt, the ones after it the negative prompt."""
+    *lines, last = text.strip().split("\n")
+    params = parse_infotext_line(last)
+    if len(params) < 3:
+        lines, params = [*lines, last], {}
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **params}
+
+
+def save_button_fields(infotext: str) -> tuple[str, str]:
+    """What the Save button under the gallery reads of the selected image's info text
+    (``modules.ui_common.save_files``: ``parameters['Seed']`` and ``parameters['Prompt']`` of
+    ``parse_generation_parameters``, a KeyError when there is no seed)."""
+    parameters = parse_generation_parameters(infotext)
+    return parameters["Seed"], parameters["Prompt"]
 
 
 #: ``modules.infotext_utils.re_param_code``: a key, then a JSON string or text up to a comma.

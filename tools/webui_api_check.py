@@ -7,6 +7,8 @@ Needs an SD1.x checkpoint loaded, the extension installed, and the WebUI's OMS m
 (``--models-dir``) writable. The checks put what they need into that folder, built from this
 repository's random-weight test module (tests/data/oms-tiny), and remove it afterwards:
 
+* that module as the folder ``oms_tiny`` (the module the checks choose by name), unless the
+  folder holds one of that name already;
 * a single ``.safetensors`` file named like the SD1.x/SD2.x release, with the release's text
   encoder beside it where downloads would put it (the test module's own small encoder);
 * things that are not modules: a hidden folder, an interrupted download's staging folder, a
@@ -14,8 +16,9 @@ repository's random-weight test module (tests/data/oms-tiny), and remove it afte
 
 Then, one line each with PASS/FAIL (exit 1 on any failure):
 
-1. "Fresh noise" with a variation strength: a batch of 4 shares one seed, yet gives 4
-   different images, and a second variation seed changes them.
+1. "Fresh noise" with a variation strength: OMS applies to a batch of 4 that shares one
+   seed, the images differ from OMS off with the same seeds, they differ from each other,
+   and a second variation seed changes them.
 2. "Auto" picks the single file named like the release and loads it as it is (no module
    file is fetched).
 3. The OMS text is the prompt of the first step: ``[day:night:0.2] street`` at 4 steps reads
@@ -45,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "oms-tiny"
 RELEASE = "oms_b_openclip_15_21"
+MODULE = "oms_tiny"
 SD21_FOLDER = "stabilityai--stable-diffusion-2-1"
 JUNK = (".hidden", f".{RELEASE}.partial-x1y2", "broken.safetensors", "sd-checkpoint.safetensors")
 
@@ -105,6 +109,9 @@ def prepare(models: Path) -> list[Path]:
     from safetensors.torch import save_file
 
     made = []
+    if not (models / MODULE).exists():
+        shutil.copytree(TINY, models / MODULE)
+        made.append(models / MODULE)
     single = models / f"{RELEASE}.safetensors"
     shutil.copy(TINY / "oms_module" / "diffusion_pytorch_model.safetensors", single)
     shutil.copy(TINY / "oms_module" / "config.json", single.with_suffix(".json"))
@@ -132,12 +139,18 @@ def clean_up(made: list[Path]) -> None:
 
 
 def check_variation_seeds(ui: WebUI) -> str:
-    fresh = {"enabled": True, "module": "oms_tiny", "noise_mode": "Fresh noise"}
+    fresh = {"enabled": True, "module": MODULE, "noise_mode": "Fresh noise"}
     a = ui.txt2img(fresh, batch_size=4, subseed=5, subseed_strength=0.3)
     b = ui.txt2img(fresh, batch_size=4, subseed=99, subseed_strength=0.3)
+    off = ui.txt2img({"enabled": False}, batch_size=4, subseed=5, subseed_strength=0.3)
     seeds = a["info"]["all_seeds"]
-    ok = len(set(seeds)) == 1 and len(set(_digests(a))) == 4 and _digests(a) != _digests(b)
-    return f"{'PASS' if ok else 'FAIL'} fresh noise follows variation seeds (seeds {seeds})"
+    applied = all("OMS alpha_bar0" in text for text in a["info"]["infotexts"])
+    ok = applied and len(set(seeds)) == 1 and len(set(_digests(a))) == 4
+    ok = ok and _digests(a) != _digests(b) and not set(_digests(a)) & set(_digests(off))
+    return (
+        f"{'PASS' if ok else 'FAIL'} fresh noise follows variation seeds (seeds {seeds}; "
+        f"OMS {'applied' if applied else 'NOT applied'})"
+    )
 
 
 def check_single_file_release(ui: WebUI) -> str:
@@ -157,7 +170,7 @@ def check_first_step_prompt(ui: WebUI) -> list[str]:
     )
     for prompt, typed, expected in cases:
         ui.new_console()
-        ui.txt2img({"enabled": True, "module": "oms_tiny", "prompt": typed}, prompt=prompt)
+        ui.txt2img({"enabled": True, "module": MODULE, "prompt": typed}, prompt=prompt)
         console = ui.new_console()
         ok = expected in console
         shown = next((ln for ln in console.splitlines() if "One More Step applied" in ln), "")
@@ -167,7 +180,7 @@ def check_first_step_prompt(ui: WebUI) -> list[str]:
 
 def check_models_folder(ui: WebUI) -> str:
     modules = ui.call("/oms/v1/schema")["modules"]
-    result = ui.txt2img({"enabled": True, "module": "oms_tiny"})
+    result = ui.txt2img({"enabled": True, "module": MODULE})
     junk = [name for name in modules if name.startswith(".") or name in ("broken", "sd-checkpoint")]
     ok = not junk and "OMS alpha_bar0" in result["info"]["infotexts"][0]
     return f"{'PASS' if ok else 'FAIL'} the models folder may hold anything: modules {modules}"
@@ -182,7 +195,7 @@ def check_user_mistake(ui: WebUI, models: Path) -> str:
 
 
 def check_release_when_off(ui: WebUI) -> str:
-    ui.txt2img({"enabled": True, "module": "oms_tiny"})
+    ui.txt2img({"enabled": True, "module": MODULE})
     ui.new_console()
     ui.txt2img({"enabled": False})
     console = ui.new_console()
@@ -194,8 +207,8 @@ def check_release_when_off(ui: WebUI) -> str:
 
 
 def check_preview(ui: WebUI) -> str:
-    on = ui.txt2img({"enabled": True, "module": "oms_tiny", "preview": True}, batch_size=2)
-    off = ui.txt2img({"enabled": True, "module": "oms_tiny"}, batch_size=2)
+    on = ui.txt2img({"enabled": True, "module": MODULE, "preview": True}, batch_size=2)
+    off = ui.txt2img({"enabled": True, "module": MODULE}, batch_size=2)
     texts = on["info"]["infotexts"]
     ok = len(on["images"]) == 4 and len(off["images"]) == 2
     ok = ok and texts[-1].startswith("One More Step preview of image 2")

@@ -199,8 +199,11 @@ class OMSController:
     def postprocess(self, p: Any, processed: Any) -> None:
         """"Show OMS preview": after the run's images, one picture per image of what OMS
         predicted (x0_hat through the cheap latent-to-RGB map, at the image size), its
-        infotext saying so, with brightness and main colour. Added after saving, so never
-        written to disk; the API returns them as it returns every image of the run.
+        infotext saying so, with brightness and main colour, in a first line above the info
+        text of the image it belongs to: the WebUI's Save button reads the seed and prompt
+        from it (``modules/ui_common.py`` ``save_files``), and the saved file's name and
+        PNG info say it is a preview. Added after saving, so never written to disk unless the
+        user saves it; the API returns them as it returns every image of the run.
         With "free after each generation", OMS leaves the GPU here, once per generation."""
         if getattr(p, "oms_release_after_generation", False):
             p.oms_release_after_generation = False
@@ -213,13 +216,16 @@ class OMSController:
         from oms_ext.preview import preview_images, summarize_latent
 
         size = (int(p.height), int(p.width))
-        for index, (latent, family) in enumerate(previews, start=1):
+        offset = int(getattr(processed, "index_of_first_image", 0))  # 1 after a grid
+        infotexts = list(processed.infotexts)
+        for image, latent, family in previews:
             picture = preview_images(latent, family, size=size)
             summary = summarize_latent(latent, family)[0]
+            source = infotexts[offset + image] if offset + image < len(infotexts) else ""
             processed.images.append(Image.fromarray(picture.numpy()))
             processed.infotexts.append(
-                f"One More Step preview of image {index} (what OMS predicted, not an image "
-                f"the WebUI made): {summary.text()}"
+                f"One More Step preview of image {image + 1} (what OMS predicted, not an image "
+                f"the WebUI made): {summary.text()}\n{source}".strip()
             )
 
     # --- internals ---------------------------------------------------------------------
@@ -299,7 +305,10 @@ class OMSController:
             _comment(p, infotext[SKIPPED_KEY])
         if outcome.x0_hat is not None and p.oms_args.preview and first_pass:
             family = inputs.family if inputs.family in PREVIEW_FAMILIES else "sd1"
-            p.oms_previews.extend((latent, family) for latent in outcome.x0_hat)
+            first = batch * len(outcome.x0_hat)  # the run's index of the batch's first image
+            p.oms_previews.extend(
+                (first + row, latent, family) for row, latent in enumerate(outcome.x0_hat)
+            )
         if outcome.message:
             self.host.log(outcome.message)
         return outcome
