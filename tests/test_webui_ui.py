@@ -112,6 +112,14 @@ def test_paste_readers_turn_oms_off_when_the_key_is_missing():
     assert readers[3]({"OMS": "True", "OMS CFG": "3.5"}) == 3.5
 
 
+def test_the_cfg_slider_spans_the_useful_range_and_pastes_larger_values_as_its_top():
+    built = _build(FakeGradio())
+    slider = built.inputs[3]
+    assert (slider.kwargs["minimum"], slider.kwargs["maximum"]) == (0.0, 8.0)
+    read_cfg = built.infotext_fields[3][1]
+    assert read_cfg({"OMS": "True", "OMS CFG": "12"}) == 8.0  # an API run's value
+
+
 class OptionInfo:
     """A1111 1.10.1 / Forge ``modules.options.OptionInfo`` (what the settings page shows)."""
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from oms_ext.runtime.args import (
-    CFG_MAX,
     CFG_MIN,
     FIELD_BY_ATTR,
     FIELDS,
@@ -48,8 +47,17 @@ class Built:
     infotext_fields: list[tuple[Any, Callable[[dict], Any]]]
 
 
+#: The slider's top: 1-4 is the useful range (paper Sec. 4.3: w = 2 already alters an image
+#: distinctly); the API and the XYZ grid take values up to CFG_MAX.
+CFG_SLIDER_MAX = 8.0
+
+
 def _from_infotext(attr: str) -> Callable[[dict], Any]:
-    """Paste reader for one field: missing "OMS" key = off, missing fields = defaults."""
+    """Paste reader for one field: missing "OMS" key = off, missing fields = defaults; an OMS
+    CFG above the slider's range (an API run's) is pasted as the slider's top, since the
+    WebUI's slider refuses values outside its range."""
+    if attr == "cfg":
+        return lambda params: min(args_from_infotext(params).cfg, CFG_SLIDER_MAX)
     return lambda params: getattr(args_from_infotext(params), attr)
 
 
@@ -109,7 +117,7 @@ def build_ui(
         notes = gr.Markdown(module_notes(defaults.module), elem_id=f"{ELEM_PREFIX}_module_notes")
         cfg = gr.Slider(
             minimum=CFG_MIN,
-            maximum=CFG_MAX,
+            maximum=CFG_SLIDER_MAX,
             step=0.1,
             value=defaults.cfg,
             label=FIELD_BY_ATTR["cfg"].label,
