@@ -198,3 +198,35 @@ def test_free_after_each_generation_frees_once_after_the_last_batch(
     wi.process_images(p)
     assert all("OMS alpha_bar0" in info for info in p.infotexts)
     assert releases == ["generation done"] and _held(controller) == 0
+
+
+def test_the_half_precision_model_leaves_memory_before_the_fp32_retry_loads(
+    models_dir, monkeypatch
+):
+    import gc
+    import weakref
+
+    from oms_ext.runtime import provider
+
+    controller = _controller(models_dir, "a1111")
+    controller.host.opts.oms_dtype = "bf16"
+    real_load = provider.load_oms
+    first: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def load(path, device, dtype, **kwargs):
+        if first:  # the fp32 retry
+            gc.collect()
+            alive_at_retry.append(first[0]() is not None)
+            return real_load(path, device, dtype, **kwargs)
+        model = real_load(path, device, dtype, **kwargs)
+        model.unet.forward = lambda x, context: torch.full(
+            (context.shape[0], *x.shape[1:]), float("nan"), dtype=x.dtype
+        )
+        first.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(provider, "load_oms", load)
+    p = _generate(controller)
+    assert "OMS alpha_bar0" in p.infotexts[0]  # applied, by the fp32 model
+    assert alive_at_retry == [False]

@@ -239,6 +239,7 @@ def run_oms(
         if not _finite(x_T) and model.dtype != torch.float32:
             half = str(model.dtype).removeprefix("torch.")
             notes.append(f"{half} gave NaN/inf on this device, OMS runs in float32 from now on")
+            del model  # the half-precision model leaves memory before the fp32 one loads
             model = load_model(True)
             x0_hat, x_T = _oms_x_T(model, inputs, args, alpha_bar, texts, negative)
         longest = max(model.count_tokens([*dict.fromkeys(texts), negative]))

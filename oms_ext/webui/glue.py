@@ -278,12 +278,12 @@ class OMSController:
             self.host.log(outcome.message)
             return outcome
         settings = Settings.from_opts(self.host.opts)
-        loaded: list[OMSModel] = []
+        loaded = False
 
         def load(fp32: bool) -> OMSModel:
-            model = self.provide(p.oms_args, inputs.family, settings, sd_model, fp32=fp32)
-            loaded.append(model)
-            return model
+            nonlocal loaded
+            loaded = True  # (no reference kept: a model the cache drops must leave memory)
+            return self.provide(p.oms_args, inputs.family, settings, sd_model, fp32=fp32)
 
         with self.host.precision_scope():
             outcome = run_oms(inputs, p.oms_args, load)
