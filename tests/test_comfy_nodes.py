@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEGATIVE, CFG = "a dark night", "", 2.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """8x8 latents gain nothing from threads, and on a busy machine two threads each wait for
+    the other (40x slower); the matrix runs the module some 800 times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def comfy(monkeypatch, tmp_path):
     """ComfyUI stand-ins with the tiny module in models/oms/oms_tiny."""
@@ -385,3 +395,57 @@ def test_node_inputs_follow_comfyuis_conventions(nodes):
     assert apply["required"]["oms_prompt"][1]["multiline"] is True
     assert apply["required"]["noise_mode"][0] == ["Keep seed noise", "Fresh noise"]
     assert "clip" in apply["optional"]
+
+
+class FakeClip:
+    """comfy/sd.py CLIP as the Apply node uses it: clone() keeps layer_idx (CLIPSetLastLayer
+    sets it); encode_from_tokens gives [1, 77 * chunks, width] (a prompt of more than 75
+    tokens takes 154); tokenize(return_word_ids=True) marks start/end/padding with word id 0.
+    Its states: each token id's embedding, scaled by the layer it is read at."""
+
+    def __init__(self, width: int = 32, layer_idx: int | None = None) -> None:
+        self.width, self.layer_idx = width, layer_idx
+        self.table = torch.randn(1000, width, generator=torch.Generator().manual_seed(0))
+
+    def clone(self) -> FakeClip:
+        n = FakeClip(self.width, self.layer_idx)
+        n.table = self.table
+        return n
+
+    def tokenize(self, text: str, return_word_ids: bool = False) -> dict:
+        words = text.split()
+        chunks = [words[i : i + 75] for i in range(0, max(len(words), 1), 75)]
+        out = []
+        for chunk in chunks:
+            ids = [(1, 1.0, 0)] + [(hash(w) % 997 + 2, 1.0, j + 1) for j, w in enumerate(chunk)]
+            ids += [(0, 1.0, 0)] * (77 - len(ids))
+            out.append(ids if return_word_ids else [t[:2] for t in ids])
+        return {"h": out}
+
+    def encode_from_tokens(self, tokens: dict) -> torch.Tensor:
+        ids = torch.tensor([t[0] for chunk in tokens["h"] for t in chunk])
+        scale = 1.0 if self.layer_idx is None else 0.5
+        return (self.table[ids] * scale).unsqueeze(0)
+
+
+def test_a_connected_clip_is_the_module_text_encoder_at_its_default_layer(nodes, oms):
+    from oms_ext.comfy.clip import ClipTextEncoder
+    from oms_ext.loading import OMSModel
+
+    clip = FakeClip(layer_idx=-1)  # after a CLIPSetLastLayer
+    model = applied(nodes, cs.sd_model(), oms, clip=clip)
+    x, sigma0, noise = first_x(model)
+    encoder = ClipTextEncoder(FakeClip())
+    assert encoder.clip.layer_idx is None and clip.layer_idx == -1
+    borrowed = OMSModel(
+        oms.model.unet, encoder, oms.model.config, oms.path, owns_text_encoder=False
+    )
+    want = borrowed.predict_x0(noise, PROMPT, CFG, NEGATIVE) + sigma0 * noise
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+    long = " ".join(f"w{i}" for i in range(100))
+    assert encoder([long]).shape == (1, 77, 32) and encoder.count_tokens([long]) == [100]
+
+
+def test_a_clip_of_the_wrong_width_is_a_clear_error_on_apply(nodes, oms):
+    with pytest.raises(ValueError, match="gives 768-wide text states, oms_tiny reads 32-wide"):
+        applied(nodes, cs.sd_model(), oms, clip=FakeClip(width=768))
