@@ -368,13 +368,29 @@ def test_a_release_downloads_with_comfyuis_progress_bar(comfy, nodes, monkeypatc
     assert bar.total > len(fetched) and bar.current == 0
 
 
-def test_root_init_loads_by_path_as_comfyui_loads_custom_nodes(comfy, monkeypatch):
-    # nodes.py load_custom_node: spec_from_file_location(<folder path>, <folder>/__init__.py).
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
-    for name in [m for m in sys.modules if m == "oms_ext" or m.startswith("oms_ext.")]:
-        monkeypatch.delitem(sys.modules, name)
+@pytest.fixture
+def no_oms_ext():
+    """``oms_ext`` neither importable from the repository root nor imported; every oms_ext
+    module as it was afterwards (a fresh copy left behind would hold other class objects)."""
+    ours = lambda name: name == "oms_ext" or name.startswith("oms_ext.")  # noqa: E731
+    saved_path = list(sys.path)
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    for name in saved:
+        del sys.modules[name]
+    yield
+    for name in [k for k in sys.modules if ours(k)]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+    sys.path[:] = saved_path
+
+
+def test_root_init_loads_by_path_as_comfyui_loads_custom_nodes(comfy, no_oms_ext, monkeypatch):
+    # nodes.py load_custom_node: spec_from_file_location(<folder path>, <folder>/__init__.py),
+    # the module put into sys.modules under that name, the folder not on sys.path.
     spec = importlib.util.spec_from_file_location(str(ROOT), ROOT / "__init__.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, str(ROOT), module)
     spec.loader.exec_module(module)
     assert set(module.NODE_CLASS_MAPPINGS) == {
         "OneMoreStepLoader", "OneMoreStepApply", "OneMoreStepPreview",
@@ -382,6 +398,16 @@ def test_root_init_loads_by_path_as_comfyui_loads_custom_nodes(comfy, monkeypatc
     assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(module.NODE_CLASS_MAPPINGS)
     assert (ROOT / module.WEB_DIRECTORY / "one_more_step.js").is_file()
     assert "oms" in comfy.folder_paths.folder_names_and_paths
+    assert sys.path[-1] == str(ROOT)
+
+
+def test_root_init_outside_comfyui_exports_no_nodes(no_oms_ext, monkeypatch):
+    # pytest imports a root package's __init__.py while collecting; there is no ComfyUI there.
+    monkeypatch.delitem(sys.modules, "folder_paths", raising=False)
+    spec = importlib.util.spec_from_file_location("one_more_step_root", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and "oms_ext" not in sys.modules
 
 
 def test_node_inputs_follow_comfyuis_conventions(nodes):
