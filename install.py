@@ -40,7 +40,17 @@ def install(launch) -> list[str]:
     return todo
 
 
-if __name__ == "__main__":  # the WebUI runs this file as a script, with its root on PYTHONPATH
-    import launch
-
+def main() -> None:
+    """Run by the WebUI (its root on PYTHONPATH, so ``launch`` imports); run anywhere else
+    (ComfyUI-Manager runs a node's install.py) it installs nothing: ComfyUI already has every
+    package the nodes need."""
+    try:
+        import launch
+    except ImportError:
+        print("[OMS] install.py: not run by AUTOMATIC1111/Forge, nothing to install")
+        return
     install(launch)
+
+
+if __name__ == "__main__":
+    main()

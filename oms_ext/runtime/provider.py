@@ -117,7 +117,7 @@ def provide_model(
 
 
 @dataclass(frozen=True)
-class _Download:
+class Download:
     """Files of one repo to fetch into ``target``; ``size_mb`` for messages."""
 
     repo_id: str
@@ -143,6 +143,38 @@ def _release_encoder(resolved: ResolvedModule) -> TextEncoderFiles:
     return spec
 
 
+def _encoder_spec(resolved: ResolvedModule, request: ModelRequest) -> TextEncoderFiles | None:
+    """The release text encoder ``resolved`` loads, None when it brings or borrows its own."""
+    path = resolved.path
+    has_pointer = path.is_dir() and (path / "oms_text_encoder" / "config.json").is_file()
+    if request.borrowed_encoder is not None or (has_pointer and resolved.known is None):
+        return None
+    return _release_encoder(resolved)
+
+
+def downloads_needed(resolved: ResolvedModule, request: ModelRequest) -> list[Download]:
+    """What must be fetched before ``resolved`` loads for ``request``: the release itself when
+    it is not on disk, and the text encoder it uses when that is nowhere on this computer.
+    A broken single module file raises :class:`OMSLoadError` here, before any download."""
+    path, models_dir = resolved.path, request.folders[0]
+    if resolved.present and path.is_file():
+        read_header(path)
+    spec = _encoder_spec(resolved, request)
+    needed = []
+    if not resolved.present and resolved.known is not None:
+        known = resolved.known
+        needed.append(Download(known.repo_id, known.files, path, known.size_mb))
+    if spec is not None and not release_text_encoder_available(
+        spec.repo_id,
+        dual=spec.dual,
+        models_dir=models_dir,
+        module_root=path if path.is_dir() else None,
+    ):
+        target = text_encoder_folder(models_dir, spec)
+        needed.append(Download(spec.repo_id, spec.files, target, spec.size_mb))
+    return needed
+
+
 def _load(
     resolved: ResolvedModule,
     request: ModelRequest,
@@ -151,25 +183,10 @@ def _load(
 ) -> OMSModel:
     device, dtype, models_dir = request.load_device, request.dtype, request.folders[0]
     path = resolved.path
-    if resolved.present and path.is_file():
-        read_header(path)  # a broken file fails here, before any encoder download
     borrowed = request.borrowed_encoder is not None
     has_pointer = path.is_dir() and (path / "oms_text_encoder" / "config.json").is_file()
-    spec = None if borrowed or (has_pointer and resolved.known is None) else _release_encoder(
-        resolved
-    )
-    needed = []
-    if not resolved.present and resolved.known is not None:
-        known = resolved.known
-        needed.append(_Download(known.repo_id, known.files, path, known.size_mb))
-    if spec is not None and not release_text_encoder_available(
-        spec.repo_id,
-        dual=spec.dual,
-        models_dir=models_dir,
-        module_root=path if path.is_dir() else None,
-    ):
-        target = text_encoder_folder(models_dir, spec)
-        needed.append(_Download(spec.repo_id, spec.files, target, spec.size_mb))
+    spec = _encoder_spec(resolved, request)
+    needed = downloads_needed(resolved, request)
     if needed:
         _download_in_background(resolved, needed, request, cache, download)
     if borrowed:
@@ -189,7 +206,7 @@ def _load(
 
 def _download_in_background(
     resolved: ResolvedModule,
-    needed: Sequence[_Download],
+    needed: Sequence[Download],
     request: ModelRequest,
     cache: ModelCache,
     download: Callable[..., Path],
