@@ -44,6 +44,10 @@ WEIGHT_FILE_NAMES = (
 )
 #: safetensors metadata entry that may hold a JSON object of module config fields.
 METADATA_CONFIG_KEY = "oms_module_config"
+#: Weights-file metadata of a module trained by ``python -m oms_ext.train``: JSON with the
+#: facts of the run ("family" of the checkpoint whose latents it learnt, "encoder", steps,
+#: images; never a local path).
+TRAINING_METADATA_KEY = "oms_training"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 DTYPES = {
     "fp32": torch.float32,
@@ -548,3 +552,15 @@ def _check_keys(
 def _few(keys: Sequence[str]) -> str:
     more = f" (+{len(keys) - KEYS_SHOWN} more)" if len(keys) > KEYS_SHOWN else ""
     return ", ".join(keys[:KEYS_SHOWN]) + more
+
+
+def training_facts(path: Path) -> dict[str, Any]:
+    """The training facts (:data:`TRAINING_METADATA_KEY`) of a module folder or weights file;
+    {} for the releases and for anything unreadable."""
+    try:
+        weights = find_module_files(path)[1] if path.is_dir() else path
+        _, metadata = read_header(weights)
+        facts = json.loads(metadata.get(TRAINING_METADATA_KEY, "{}"))
+    except (OMSLoadError, OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}

@@ -198,7 +198,8 @@ def plain_embedding(embedding: torch.nn.Module) -> torch.nn.Module:
 class OpenClipTowerEncoder(TokenEncoder):
     """A borrowed open_clip-layout text tower (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks``, ``ln_final``, optional ``attn_mask``) run through its first
-    ``num_layers`` blocks, then ``ln_final``; causal mask, no padding mask; a WebUI's wrapper
+    ``num_layers`` blocks, then ``ln_final`` (not with ``final_norm`` false: SDXL's
+    penultimate-layer convention); causal mask, no padding mask; a WebUI's wrapper
     around ``token_embedding`` is bypassed (:func:`plain_embedding`). The tower's weights
     are never copied or moved by OMS: computation runs where the embedding puts its output,
     results land on ``device``/``dtype``.
@@ -216,6 +217,7 @@ class OpenClipTowerEncoder(TokenEncoder):
         tokenizer: Any,
         *,
         num_layers: int,
+        final_norm: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         compute_device: Callable[[], torch.device] | None = None,
@@ -230,6 +232,7 @@ class OpenClipTowerEncoder(TokenEncoder):
         self.tokenizer = PromptTokenizer(tokenizer)
         self.compute_device = compute_device
         self.num_layers = num_layers
+        self.final_norm = final_norm
         self.hidden_size = int(weight.shape[1])
         self.device = torch.device(device) if device is not None else weight.device
         self.dtype = dtype if dtype is not None else weight.dtype
@@ -254,7 +257,9 @@ class OpenClipTowerEncoder(TokenEncoder):
             x = block(x, attn_mask=mask)
         if not batch_first:
             x = x.permute(1, 0, 2)
-        return tower.ln_final(x).to(device=self.device, dtype=self.dtype)
+        if self.final_norm:
+            x = tower.ln_final(x)
+        return x.to(device=self.device, dtype=self.dtype)
 
 
 def wrap_openclip_tower(
@@ -262,6 +267,7 @@ def wrap_openclip_tower(
     tokenizer: Any = None,
     *,
     num_layers: int = SD2_OMS_LAYERS,
+    final_norm: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     compute_device: Callable[[], torch.device] | None = None,
@@ -278,6 +284,7 @@ def wrap_openclip_tower(
         tower,
         tok,
         num_layers=num_layers,
+        final_norm=final_norm,
         device=device,
         dtype=dtype,
         compute_device=compute_device,

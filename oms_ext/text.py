@@ -50,6 +50,12 @@ SD21_REPO = "stabilityai/stable-diffusion-2-1"
 #: SD 2.1's text encoder is OpenCLIP ViT-H cut to 23 of its 24 blocks ("penultimate" layer);
 #: the base OMS modules read its last hidden state, so a borrowed 24-block tower runs 23.
 SD2_OMS_LAYERS = 23
+#: Pointer field (in ``oms_text_encoder/config.json``) of a module trained on a checkpoint's
+#: own text encoder (``python -m oms_ext.train --encoder checkpoint``): a host hands it the
+#: loaded checkpoint's encoder; the pointer still names the family's base repo, so
+#: :func:`load_prompt_encoder` finds the same weights without a host.
+ENCODER_SOURCE_KEY = "oms_encoder_source"
+ENCODER_SOURCE_CHECKPOINT = "checkpoint"
 TEXT_ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 # Older transformers releases read the special tokens from here; newer ones no longer write it.
@@ -456,6 +462,16 @@ class Pointer:
     class_name: str
     name_or_path: str
     subfolder: str
+
+
+def reads_checkpoint_encoder(root: Path) -> bool:
+    """Whether the module folder ``root`` reads the loaded checkpoint's own text encoder
+    (:data:`ENCODER_SOURCE_KEY`); False for the releases and for anything unreadable."""
+    try:
+        data = json.loads((root / "oms_text_encoder" / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get(ENCODER_SOURCE_KEY) == ENCODER_SOURCE_CHECKPOINT
 
 
 def read_pointer(root: Path, component: str) -> Pointer:

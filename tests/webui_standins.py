@@ -419,6 +419,32 @@ def install_tiny_module(models_dir: Path, name: str = "oms_tiny") -> Path:
     return target
 
 
+def install_own_module(
+    models_dir: Path, name: str = "mine", family: str = "sd1", borrows: bool = True
+) -> Path:
+    """A module as ``python -m oms_ext.train`` writes it (the tiny module's weights): training
+    facts in the weights' metadata and, with ``borrows``, a pointer marked as reading the
+    checkpoint's own text encoder (and no encoder files of its own)."""
+    from safetensors.torch import load_file, save_file
+
+    from oms_ext.loading import TRAINING_METADATA_KEY, read_header
+    from oms_ext.text import ENCODER_SOURCE_CHECKPOINT, ENCODER_SOURCE_KEY
+
+    target = install_tiny_module(models_dir, name)
+    weights = target / "oms_module" / "diffusion_pytorch_model.safetensors"
+    _, metadata = read_header(weights)
+    facts = {"family": family, "encoder": "test", "steps": 3, "images": 4}
+    save_file(load_file(weights), weights, {**metadata, TRAINING_METADATA_KEY: json.dumps(facts)})
+    if borrows:
+        pointer = target / "oms_text_encoder" / "config.json"
+        data = json.loads(pointer.read_text())
+        data.update({"_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"})
+        data[ENCODER_SOURCE_KEY] = ENCODER_SOURCE_CHECKPOINT
+        pointer.write_text(json.dumps(data))
+        shutil.rmtree(target / "text_encoder")
+    return target
+
+
 # --- infotext, as the WebUIs write and read it ---------------------------------------------
 
 

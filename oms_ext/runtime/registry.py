@@ -4,7 +4,10 @@ Known modules are the authors' releases (Hugging Face, fp16, licence openrail++)
 are found by scanning the models folders: released-layout folders (``model_index.json`` +
 ``oms_module/config.json``) and single ``.safetensors`` files that hold an OMS module. "Auto"
 picks the known module of the loaded checkpoint's family: SD1.x/SD2.x share one latent space,
-SDXL has its own. A local module always wins over the release of the same name.
+SDXL has its own; where that release is not on disk but a module of the user's own (trained by
+``python -m oms_ext.train``) for the family is, and reads the checkpoint's own text encoder,
+Auto uses that one: no download. A local module always wins over the release of the same
+name.
 
 The models folder may hold anything: hidden entries (dot-folders, download staging folders),
 unreadable folders, broken links and other ``.safetensors`` files (an SD checkpoint dropped
@@ -18,10 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oms_ext.errors import OMSUserError
-from oms_ext.loading import OMSLoadError, read_header
+from oms_ext.loading import OMSLoadError, read_header, training_facts
 from oms_ext.runtime.args import AUTO_MODULE
 from oms_ext.spaces import UnsupportedModelError
-from oms_ext.text import SD21_REPO, TOKENIZER_FILES, TOKENIZER_OPTIONAL_FILES
+from oms_ext.text import (
+    SD21_REPO,
+    TOKENIZER_FILES,
+    TOKENIZER_OPTIONAL_FILES,
+    reads_checkpoint_encoder,
+)
 
 Family = str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "unknown"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -114,6 +122,33 @@ class LocalModule:
 
 
 @dataclass(frozen=True)
+class OwnModule:
+    """What a module trained by ``python -m oms_ext.train`` says about itself (its weights'
+    training metadata): ``family``, the checkpoint family whose latents it learnt;
+    ``borrows_encoder``: it reads the loaded checkpoint's own text encoder (CLIP-L of SD1.x,
+    ViT-H of SD2.x, SDXL's pair), so it needs no download and fits that family only."""
+
+    family: Family
+    borrows_encoder: bool
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """The checkpoint families it serves (SD1.x and SD2.x share a latent space)."""
+        if self.borrows_encoder or self.family == "sdxl":
+            return (self.family,)
+        return ("sd1", "sd2")
+
+
+def own_module(path: Path) -> OwnModule | None:
+    """The :class:`OwnModule` facts of the module at ``path``; None for the releases, other
+    modules and anything unreadable."""
+    family = training_facts(path).get("family")
+    if family not in AUTO_BY_FAMILY:
+        return None
+    return OwnModule(family, path.is_dir() and reads_checkpoint_encoder(path))
+
+
+@dataclass(frozen=True)
 class ResolvedModule:
     """The module to use: its name, the known release (if any), and where it is or goes."""
 
@@ -180,6 +215,24 @@ def module_choices(local: Sequence[LocalModule]) -> list[str]:
     return [AUTO_MODULE, *KNOWN_BY_NAME, *extra]
 
 
+def auto_choice(family: Family, folders: Sequence[Path]) -> str:
+    """The module "Auto" uses for a checkpoint of ``family``: the family's release when it is
+    on disk or no module of the user's own serves the family without a download; else the
+    first such own module. UnsupportedModelError when no module exists for the family."""
+    return _auto_from(family, scan_modules(folders))
+
+
+def _auto_from(family: Family, local: Sequence[LocalModule]) -> str:
+    release = auto_module(family)
+    if any(m.name == release for m in local):
+        return release
+    for module in local:
+        own = own_module(module.path)
+        if own is not None and own.borrows_encoder and family in own.families:
+            return module.name
+    return release
+
+
 def auto_module(family: Family) -> str:
     """The known module for a checkpoint family; UnsupportedModelError when there is none."""
     try:
@@ -220,12 +273,15 @@ def resolve_module(choice: str, family: Family, folders: Sequence[Path]) -> Reso
     """
     if not folders:
         raise ValueError("resolve_module needs at least one models folder")
-    name = auto_module(family) if choice == AUTO_MODULE else choice
+    name = auto_choice(family, folders) if choice == AUTO_MODULE else choice
     known = KNOWN_BY_NAME.get(name)
     if known is not None and family in AUTO_BY_FAMILY and family not in known.families:
         raise UnsupportedModelError(str(fit_warning(name, family)))  # the notes' words
     local = {m.name: m for m in scan_modules(folders)}
     if name in local:
+        warning = fit_warning(name, family, local[name].path)
+        if known is None and warning is not None:
+            raise UnsupportedModelError(warning)
         return ResolvedModule(name, known, local[name].path, present=True)
     if known is None:
         pickle = _pickle_of(name, folders)
@@ -283,6 +339,14 @@ def _release_state(known: KnownModule, local: Sequence[LocalModule], models_dir:
     return "on disk" if has_encoder else "on disk, text encoder not downloaded"
 
 
+def _own_words(own: OwnModule) -> str:
+    """How the notes call a module of the user's own."""
+    purpose = "/".join(FAMILY_NAMES[f] for f in own.families)
+    if own.borrows_encoder:
+        return f"your own, for {purpose}, reads the checkpoint's own text encoder (no download)"
+    return f"your own, for {purpose}"
+
+
 def _auto_status(local: Sequence[LocalModule], models_dir: Path, family: Family | None) -> str:
     """The "Auto" line: each family's module once, then what Auto uses for the chosen
     checkpoint and whether that still has to be downloaded."""
@@ -294,8 +358,15 @@ def _auto_status(local: Sequence[LocalModule], models_dir: Path, family: Family 
     )
     if family not in AUTO_BY_FAMILY:
         return line
-    chosen = AUTO_BY_FAMILY[family]
-    known = KNOWN_BY_NAME[chosen]
+    chosen = _auto_from(family, local)
+    known = KNOWN_BY_NAME.get(chosen)
+    if known is None:  # a module of the user's own, on disk
+        own = own_module(next(m.path for m in local if m.name == chosen))
+        words = _own_words(own) if own is not None else "your own"
+        return (
+            f"{line}; for the chosen {FAMILY_NAMES[family]} checkpoint it uses {chosen} "
+            f"({words}), on disk"
+        )
     status = _release_state(known, local, models_dir)
     if status == "not downloaded":
         state = f"a {_size(known)} download not on disk yet, fetched at the first Generate"
@@ -320,19 +391,30 @@ def module_status(
     on_disk = {m.name: m for m in local}
     known = KNOWN_BY_NAME.get(name)
     if known is None:
+        own = own_module(on_disk[name].path) if name in on_disk else None
+        if own is not None:
+            return f"{name} - {_own_words(own)} - on disk"
         kind = "folder" if name in on_disk and on_disk[name].path.is_dir() else "file"
         return f"{name} - local module ({kind}) - on disk"
     state = _release_state(known, local, models_dir)
     return f"{name} - {_purpose(known)} - {_size(known)} - {state}"
 
 
-def fit_warning(choice: str, family: Family) -> str | None:
+def fit_warning(choice: str, family: Family, path: Path | None = None) -> str | None:
     """Why ``choice`` will not run with a checkpoint of ``family``, or None when it fits
-    (or cannot be told: a local module of unknown kind)."""
+    (or cannot be told: a local module of unknown kind). ``path``: where a local module of
+    that name is (a module of the user's own says which family it was trained for)."""
     if choice == AUTO_MODULE:
         if family in AUTO_BY_FAMILY:
             return None
         return f"no OMS module exists for {FAMILY_NAMES.get(family, family)} checkpoints"
+    own = own_module(path) if path is not None and choice not in KNOWN_BY_NAME else None
+    if own is not None and family in AUTO_BY_FAMILY and family not in own.families:
+        purpose = "/".join(FAMILY_NAMES[f] for f in own.families)
+        return (
+            f"{choice} is your own module for {purpose} checkpoints, the chosen checkpoint is "
+            f"{FAMILY_NAMES[family]}: choose {AUTO_MODULE} or a matching module"
+        )
     known = KNOWN_BY_NAME.get(choice)
     if known is None or family not in AUTO_BY_FAMILY or family in known.families:
         return None
@@ -350,6 +432,7 @@ def module_notes(choice: str, folders: Sequence[Path], family: Family | None) ->
     lines = [
         f"- {module_status(name, local, folders[0], family)}" for name in module_choices(local)
     ]
-    warning = fit_warning(choice, family) if family is not None else None
+    paths = {m.name: m.path for m in local}
+    warning = fit_warning(choice, family, paths.get(choice)) if family is not None else None
     head = f"**OMS will be skipped: {warning}.**\n\n" if warning else ""
     return head + "\n".join(lines)

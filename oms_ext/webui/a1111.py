@@ -27,6 +27,7 @@ import torch
 from oms_ext.loading import OMSLoadError, read_header
 from oms_ext.prompt_syntax import EMPHASIS_MODES, PromptSyntax, TextRules
 from oms_ext.runtime.runner import BatchInputs, ImageSeeds
+from oms_ext.text import PromptEncoder
 from oms_ext.webui.samplers import sampler_start
 
 HIRES_NOTE = "hires-fix pass left alone (OMS acts on the first pass only)"
@@ -298,3 +299,60 @@ def sd2_text_tower(sd_model: Any) -> Any | None:
     if resblocks is None or not hasattr(tower, "token_embedding"):
         return None
     return tower
+
+
+def _clip_embedder(embedder: Any) -> tuple[Any, Any] | None:
+    """(transformers CLIP text model, tokenizer) of A1111's ``FrozenCLIPEmbedder`` (under its
+    ``...WithCustomWords`` wrapper, ``.wrapped``); None when it looks different."""
+    inner = getattr(embedder, "wrapped", embedder)
+    transformer = getattr(inner, "transformer", None)
+    tokenizer = getattr(inner, "tokenizer", None)
+    if getattr(transformer, "config", None) is None or tokenizer is None:
+        return None
+    return transformer, tokenizer
+
+
+def checkpoint_text_encoder(
+    sd_model: Any, family: str, device: torch.device | str
+) -> PromptEncoder | None:
+    """The loaded checkpoint's own text encoder as a module trained on it reads it
+    (``python -m oms_ext.train --encoder checkpoint``), borrowed, never moved: SD1.x: CLIP-L's
+    last hidden state (``cond_stage_model``); SD2.x: ViT-H as the releases read it; SDXL:
+    ``hidden_states[-2]`` of CLIP-L (``conditioner.embedders[0]``) and of OpenCLIP bigG
+    (``embedders[1].model``, open_clip layout), concatenated. Token ids go to ``device`` (A1111's
+    ``devices.device``: under --medvram its hooks move the encoder there when called). None when
+    the model is of another family or looks different."""
+    from oms_ext.openclip_convert import wrap_openclip_tower
+    from oms_ext.text import ClipPromptEncoder, ConcatPromptEncoder
+
+    def on_device() -> torch.device:
+        return torch.device(device)
+
+    if model_family(sd_model) != family:
+        return None
+    if family == "sd2":
+        tower = sd2_text_tower(sd_model)
+        return None if tower is None else wrap_openclip_tower(tower, compute_device=on_device)
+    if family == "sd1":
+        clip = _clip_embedder(getattr(sd_model, "cond_stage_model", None))
+        if clip is None:
+            return None
+        return ClipPromptEncoder(*clip, owns_model=False, compute_device=on_device)
+    if family != "sdxl":
+        return None
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or []
+    if len(embedders) < 2:
+        return None
+    clip_l = _clip_embedder(embedders[0])
+    big_g = getattr(getattr(embedders[1], "wrapped", embedders[1]), "model", None)
+    blocks = getattr(getattr(big_g, "transformer", None), "resblocks", None)
+    if clip_l is None or blocks is None:
+        return None
+    depth = int(clip_l[0].config.num_hidden_layers)
+    first = ClipPromptEncoder(
+        *clip_l, num_layers=depth - 1, final_norm=False, owns_model=False, compute_device=on_device
+    )
+    second = wrap_openclip_tower(
+        big_g, num_layers=len(blocks) - 1, final_norm=False, compute_device=on_device
+    )
+    return ConcatPromptEncoder([first, second])

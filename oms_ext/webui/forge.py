@@ -177,6 +177,50 @@ def sd2_text_encoder(sd_model: Any) -> PromptEncoder | None:
     return _ManagedEncoder(inner, lambda: getattr(getattr(objects, "clip", None), "patcher", None))
 
 
+def checkpoint_text_encoder(sd_model: Any, family: str) -> PromptEncoder | None:
+    """The loaded checkpoint's own text encoder as a module trained on it reads it
+    (``python -m oms_ext.train --encoder checkpoint``), loaded through Forge's memory manager
+    with the current clip patcher: SD1.x: ``clip_l``'s last hidden state; SD2.x: as
+    :func:`sd2_text_encoder`; SDXL: ``hidden_states[-2]`` of ``clip_l`` and of ``clip_g``,
+    concatenated. None when the model is of another family or looks different."""
+    from oms_ext.text import ClipPromptEncoder, ConcatPromptEncoder
+
+    if model_family(sd_model) != family:
+        return None
+    if family == "sd2":
+        return sd2_text_encoder(sd_model)
+    objects = getattr(sd_model, "forge_objects", None)
+    clip = getattr(objects, "clip", None)
+    encoders = getattr(clip, "cond_stage_model", None)
+    tokenizers = getattr(clip, "tokenizer", None)
+
+    def part(name: str, penultimate: bool) -> ClipPromptEncoder | None:
+        transformer = getattr(getattr(encoders, name, None), "transformer", None)
+        tokenizer = getattr(tokenizers, name, None)
+        if getattr(transformer, "config", None) is None or tokenizer is None:
+            return None
+        depth = int(transformer.config.num_hidden_layers)
+        return ClipPromptEncoder(
+            transformer,
+            tokenizer,
+            num_layers=depth - 1 if penultimate else depth,
+            final_norm=not penultimate,
+            owns_model=False,
+            compute_device=text_encoder_device,
+        )
+
+    if family == "sd1":
+        inner: PromptEncoder | None = part("clip_l", penultimate=False)
+    elif family == "sdxl":
+        parts = [part("clip_l", penultimate=True), part("clip_g", penultimate=True)]
+        inner = None if None in parts else ConcatPromptEncoder(parts)
+    else:
+        return None
+    if inner is None or getattr(clip, "patcher", None) is None:
+        return inner
+    return _ManagedEncoder(inner, lambda: getattr(getattr(objects, "clip", None), "patcher", None))
+
+
 def text_encoder_device() -> torch.device:
     """Where Forge runs its text encoders and sends their token ids
     (``backend.memory_management.text_encoder_device``, as its ``classic_engine`` does): the

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from oms_ext.errors import OMSUserError
 from oms_ext.loading import OMSModel
 from oms_ext.preview import FAMILIES as PREVIEW_FAMILIES
 from oms_ext.prompt_syntax import PlainSyntax, PromptSyntax
@@ -44,9 +45,10 @@ from oms_ext.runtime.args import (
 from oms_ext.runtime.cache import MODEL_CACHE, ModelCache
 from oms_ext.runtime.download import console
 from oms_ext.runtime.provider import ModelRequest, provide_model
-from oms_ext.runtime.registry import auto_module
+from oms_ext.runtime.registry import auto_choice, own_module, resolve_module
 from oms_ext.runtime.runner import Outcome, run_oms, skipped
 from oms_ext.spaces import UnsupportedModelError
+from oms_ext.text import TextEncoderError
 from oms_ext.webui import a1111, forge
 from oms_ext.webui.settings import (
     Settings,
@@ -299,7 +301,9 @@ class OMSController:
         if outcome.applied and p.oms_args.module == AUTO_MODULE:
             # Name the module "Auto" picked, so pasting the infotext reproduces the image
             # even on a checkpoint of another family.
-            infotext = {**infotext, FIELD_BY_ATTR["module"].label: auto_module(inputs.family)}
+            folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
+            picked = auto_choice(inputs.family, folders)
+            infotext = {**infotext, FIELD_BY_ATTR["module"].label: picked}
         _record(p, infotext, replace=first_pass)
         if SKIPPED_KEY in infotext:
             _comment(p, infotext[SKIPPED_KEY])
@@ -343,7 +347,7 @@ class OMSController:
         # beside a module on the CPU it shares its precision; away from a GPU module, its own
         text_dtype = dtype if device.type == "cpu" else cpu_text_dtype(settings)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
-        factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model)
+        factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model, args, folders)
         return ModelRequest(
             choice=args.module,
             family=family,
@@ -361,12 +365,34 @@ class OMSController:
         )
 
     def _borrowed_encoder(
-        self, settings: Settings, family: str, sd_model: Any
+        self,
+        settings: Settings,
+        family: str,
+        sd_model: Any,
+        args: OMSArgs | None = None,
+        folders: Sequence[Path] = (),
     ) -> tuple[Callable[[], Any] | None, str]:
-        """The SD2.x checkpoint's own OpenCLIP encoder (no second copy in memory), if usable."""
+        """The checkpoint's own text encoder to lend the module, if it takes one: a module of
+        the user's own trained on it (``python -m oms_ext.train --encoder checkpoint``) always
+        reads it; the releases read an SD2.x checkpoint's OpenCLIP encoder (no second copy in
+        memory) when the setting allows."""
+        checkpoint_id = _checkpoint_id(sd_model)
+        own = args and self._module_reading_checkpoint_encoder(args, family, folders)
+        if own:
+            if self.host.kind == "forge":
+                encoder = forge.checkpoint_text_encoder(sd_model, family)
+            else:
+                encoder = a1111.checkpoint_text_encoder(sd_model, family, self.host.device)
+            if encoder is None:
+                raise TextEncoderError(
+                    f"OMS module {own} reads the checkpoint's own text encoder, which this "
+                    f"{family} checkpoint does not expose as OMS expects",
+                    reason=f"module {own} reads the checkpoint's own text encoder, which this "
+                    "checkpoint does not expose as expected; choose another module",
+                )
+            return (lambda: encoder), checkpoint_id
         if not settings.reuse_sd2_text_encoder or family != "sd2":
             return None, ""
-        checkpoint_id = _checkpoint_id(sd_model)
         if self.host.kind == "forge":
             encoder = forge.sd2_text_encoder(sd_model)
             return (None, "") if encoder is None else ((lambda: encoder), checkpoint_id)
@@ -379,6 +405,20 @@ class OMSController:
         # its hooks move the tower there only when the embedding is called.
         device = torch.device(self.host.device)
         return (lambda: wrap_openclip_tower(tower, compute_device=lambda: device)), checkpoint_id
+
+    @staticmethod
+    def _module_reading_checkpoint_encoder(
+        args: OMSArgs, family: str, folders: Sequence[Path]
+    ) -> str | None:
+        """The name of the module ``args`` choose when it is one of the user's own that reads
+        the checkpoint's own text encoder, else None (errors in the choice are
+        provide_model's to report)."""
+        try:
+            resolved = resolve_module(args.module, family, folders)
+        except OMSUserError:
+            return None
+        own = own_module(resolved.path) if resolved.present and resolved.known is None else None
+        return resolved.name if own is not None and own.borrows_encoder else None
 
     def _a1111_low_vram(self, family: str) -> bool:
         return a1111.low_vram(self.host.cmd_opts, family)
