@@ -165,3 +165,25 @@ def test_a1111s_sdxl_pair_is_read_at_the_penultimate_layer_of_each_and_concatena
     torch.testing.assert_close(states[..., :width], penultimate)
     assert states.shape[-1] == width + big_g.ln_final.weight.shape[0]
     assert encoder.encoders[1].num_layers == 2 and not encoder.encoders[1].final_norm
+
+
+def test_forges_sdxl_pair_is_read_at_the_penultimate_layer_through_the_clip_patcher(
+    forge_backend,
+):
+    transformer, tokenizer = _clip_l()
+    encoders = torch.nn.ModuleDict()
+    for name in ("clip_l", "clip_g"):
+        holder = torch.nn.Module()
+        holder.transformer = transformer if name == "clip_l" else _clip_l()[0]
+        encoders[name] = holder
+    patcher = wi.ForgeModelPatcher(encoders, "cpu", "cpu")
+    sd_model = wi.forge_sd_model(wi.Prediction(), is_sd1=False, is_sdxl=True)
+    sd_model.forge_objects.clip = wi.ForgeCLIP(
+        encoders, SimpleNamespace(clip_l=tokenizer, clip_g=tokenizer), patcher
+    )
+    encoder = forge.checkpoint_text_encoder(sd_model, "sdxl")
+    states = encoder(["a dark room"])
+    ids = encoder.inner.encoders[0].tokenizer(["a dark room"]).ids
+    penultimate = transformer(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(states[..., :32], penultimate)
+    assert states.shape[-1] == 64 and forge_backend.holds(encoders)
