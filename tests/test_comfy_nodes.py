@@ -475,3 +475,24 @@ def test_a_connected_clip_is_the_module_text_encoder_at_its_default_layer(nodes,
 def test_a_clip_of_the_wrong_width_is_a_clear_error_on_apply(nodes, oms):
     with pytest.raises(ValueError, match="gives 768-wide text states, oms_tiny reads 32-wide"):
         applied(nodes, cs.sd_model(), oms, clip=FakeClip(width=768))
+
+
+def test_a_module_of_your_own_reads_the_checkpoints_clip_and_needs_it(comfy, nodes):
+    """A module trained on the checkpoint's own encoder (oms_ext.train --encoder checkpoint)
+    loads without any text-encoder files and reads the CLIP connected to Apply."""
+    from oms_ext.comfy.clip import ClipTextEncoder
+    from oms_ext.loading import OMSModel
+
+    wi.install_own_module(Path(comfy.folder_paths.models_dir) / "oms", "mine", "sd1")
+    mine = nodes.OneMoreStepLoader().load("mine", "auto")[0]
+    assert mine.needs_clip and mine.families == ("sd1",)
+    with pytest.raises(ValueError, match="mine reads the checkpoint's own text encoder"):
+        applied(nodes, cs.sd_model(), mine)
+    model = applied(nodes, cs.sd_model(), mine, clip=FakeClip())
+    x, sigma0, noise = first_x(model)
+    encoder = ClipTextEncoder(FakeClip())
+    borrowed = OMSModel(
+        mine.model.unet, encoder, mine.model.config, mine.path, owns_text_encoder=False
+    )
+    want = borrowed.predict_x0(noise, PROMPT, CFG, NEGATIVE) + sigma0 * noise
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)

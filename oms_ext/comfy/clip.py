@@ -51,3 +51,31 @@ class ClipTextEncoder:
 
     def to(self, device: Any = None, dtype: Any = None) -> ClipTextEncoder:
         return self
+
+
+class CheckpointClipNeeded:
+    """The text encoder of a module of the user's own that reads the checkpoint's own encoder
+    (``python -m oms_ext.train --encoder checkpoint``) until the Apply node is given the
+    checkpoint's CLIP: it has the module's width and refuses to encode."""
+
+    def __init__(self, name: str, hidden_size: int) -> None:
+        self.name = name
+        self.hidden_size = hidden_size
+
+    def message(self) -> str:
+        return (
+            f"One More Step: {self.name} reads the checkpoint's own text encoder; connect the "
+            "checkpoint's CLIP to the clip input of One More Step Apply"
+        )
+
+    def __call__(self, prompts: Sequence[Any]) -> torch.Tensor:
+        raise ValueError(self.message())
+
+    def count_tokens(self, prompts: Sequence[Any]) -> list[int]:
+        raise ValueError(self.message())
+
+    def owned_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def to(self, device: Any = None, dtype: Any = None) -> CheckpointClipNeeded:
+        return self

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from oms_ext.comfy.clip import CheckpointClipNeeded
 from oms_ext.errors import OMSUserError
-from oms_ext.loading import OMSModel
+from oms_ext.loading import OMSModel, cross_attention_width, find_module_files
 from oms_ext.runtime.cache import ModelCache
 from oms_ext.runtime.download import download_files, hub_fetch
 from oms_ext.runtime.provider import ModelRequest, downloads_needed, provide_model
-from oms_ext.runtime.registry import KNOWN_BY_NAME, resolve_module, scan_modules
+from oms_ext.runtime.registry import KNOWN_BY_NAME, own_module, resolve_module, scan_modules
 
 #: The folder name in ``folder_paths`` and the default folder under ComfyUI's models dir.
 FOLDER = "oms"
@@ -85,6 +86,9 @@ class OMSModule:
     model: OMSModel
     patcher: Any
     precision: str
+    #: A module of the user's own that reads the checkpoint's own text encoder: Apply needs
+    #: the checkpoint's CLIP.
+    needs_clip: bool = False
     _fp32: OMSModule | None = field(default=None, repr=False)
 
     @property
@@ -169,18 +173,33 @@ def load_module(name: str, precision: str) -> OMSModule:
     resolved = resolve_module(name, _ANY_FAMILY, list(roots))
     # OMS-B is 0.16 G parameters; the count only steers ComfyUI's fp16 choice for huge models.
     dtype = pick_dtype(precision, load_device, 160_000_000)
-    request = ModelRequest(name, _ANY_FAMILY, roots, torch.device(offload_device), dtype)
+    own = own_module(resolved.path) if resolved.present and resolved.known is None else None
+    borrowed = None
+    if own is not None and own.borrows_encoder:  # the checkpoint's CLIP comes through Apply
+        width = cross_attention_width(find_module_files(resolved.path)[1]) or 0
+        borrowed = CheckpointClipNeeded(resolved.name, width)
+    request = ModelRequest(
+        name,
+        _ANY_FAMILY,
+        roots,
+        torch.device(offload_device),
+        dtype,
+        borrowed_encoder=None if borrowed is None else (lambda: borrowed),
+        borrowed_id="clip input" if borrowed is not None else "",
+    )
     _download(request, resolved)
     model = provide_model(request, ModelCache(offload_device))
     patcher = comfy.model_patcher.ModelPatcher(
         _Weights(model), load_device=load_device, offload_device=offload_device
     )
     known = resolved.known
+    families = known.families if known is not None else (own.families if own else None)
     return OMSModule(
         resolved.name,
         resolved.path,
-        known.families if known is not None else None,
+        families,
         model,
         patcher,
         precision,
+        needs_clip=borrowed is not None,
     )

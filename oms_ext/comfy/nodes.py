@@ -129,8 +129,10 @@ class OneMoreStepApply:
                 "clip": (
                     "CLIP",
                     {
-                        "tooltip": "An SD2.x checkpoint's CLIP to use as the module's text "
-                        "encoder (SD1.x/SD2.x module) instead of loading its own."
+                        "tooltip": "The checkpoint's CLIP as the module's text encoder: an "
+                        "SD2.x checkpoint's for the SD1.x/SD2.x release (instead of loading its "
+                        "own); required by a module you trained on the checkpoint's own text "
+                        "encoder (SD1.x CLIP-L, SDXL's pair)."
                     },
                 ),
             },
@@ -150,6 +152,11 @@ class OneMoreStepApply:
             settings = ApplySettings(oms_prompt, oms_negative, float(oms_cfg), noise_mode)
         except OMSArgsError as e:
             raise ValueError(f"One More Step: {e}") from e
+        if clip is None and oms_model.needs_clip:
+            raise ValueError(
+                f"One More Step: {oms_model.name} reads the checkpoint's own text encoder; "
+                "connect the checkpoint's CLIP to the clip input"
+            )
         encoder = _clip_encoder(clip, oms_model) if clip is not None else None
         wrapper = OneMoreStepWrapper(oms_model, settings, notify, encoder)
         patched = model.clone()
