@@ -1,0 +1,7 @@
+"""``python -m oms_ext.train``: see :mod:`oms_ext.train.cli`."""
+
+import sys
+
+from oms_ext.train.cli import main
+
+sys.exit(main())
