@@ -37,8 +37,9 @@ def test_trained_module_loads_as_released_and_predicts(tmp_path: Path, vae: Path
     module = tmp_path / "out" / "mine"
     assert sorted(p.relative_to(module).as_posix() for p in module.rglob("*.json")) == [
         "model_index.json", "oms_module/config.json", "oms_text_encoder/config.json",
-        "oms_tokenizer/config.json", "text_encoder/config.json", "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+        "oms_tokenizer/config.json", "text_encoder/config.json",
+        "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
     ]  # fmt: skip
     model = load_oms(module)
     x0 = model.predict_x0(torch.randn(2, 4, 8, 8), ["a dark room", "a red car"], cfg_scale=2.0)
