@@ -12,7 +12,15 @@ import torch
 from oms_ext import load_oms
 from oms_ext.train.cli import main, resolve_options
 from oms_ext.train.export import training_facts
-from tests.train_helpers import RESOLUTION, TINY_ENCODER, tiny_vae_folder, write_images
+from tests.train_helpers import (  # noqa: F401
+    RESOLUTION,
+    TINY_ENCODER,
+    one_thread,
+    tiny_vae_folder,
+    write_images,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAPTIONS = {"dark": "a dark room", "bright": "a bright beach", "red": "a red car", "plain": None}
 

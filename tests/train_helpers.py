@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY_MODULE = Path(__file__).resolve().parent / "data" / "oms-tiny"
@@ -70,3 +71,13 @@ def channel_mean_latents(
             latent = latent + 0.2 * torch.randn((4, size, size), generator=g)
             out.append(LatentExample(latent, latent.flip(-1), caption))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one CPU thread (many threads mostly wait on each other,
+    much worse on a shared machine); the previous thread count comes back after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
