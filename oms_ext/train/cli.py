@@ -251,6 +251,7 @@ def run(argv: Sequence[str]) -> Path:
     )
     choice = choose_encoder(str(o["encoder"]), checkpoint, o["models_dir"], torch.float32)
     config = module_config(str(o["size"]), choice.encoder.hidden_size)
+    _check_output_disk(Path(o["output_dir"]), config, o)
     prompts = (
         o["preview_prompts"]
         or list(dict.fromkeys(e.caption for e in report.examples if e.caption))[:4]
@@ -308,6 +309,18 @@ def run(argv: Sequence[str]) -> Path:
     )
     print(f"OMS module written: {out} (step {result.step}, loss {result.loss:.4f})")
     return out
+
+
+def _check_output_disk(output_dir: Path, config: dict[str, Any], o: dict[str, Any]) -> None:
+    """Before training: room for the module and its checkpoints (fp32 weights + AdamW's two
+    moments each, as many as are kept)."""
+    from oms_ext.train.latents import check_disk
+    from oms_ext.unet import expected_parameter_count
+
+    params = expected_parameter_count(config)
+    checkpoints = int(o["keep_checkpoints"]) if int(o["save_every"]) else 1
+    needed = params * (2 if o["save_fp16"] else 4) + checkpoints * params * 4 * 3
+    check_disk(output_dir, needed, "the module and its checkpoints")
 
 
 def _cached_latents(o: dict[str, Any], examples: list, checkpoint: Any, resolution: int) -> Any:
