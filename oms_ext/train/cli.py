@@ -216,6 +216,8 @@ class Prepared:
 
 def run(argv: Sequence[str]) -> Path:
     """The whole run; returns the module folder."""
+    from accelerate import PartialState
+
     from oms_ext.train.checkpoint import (
         open_checkpoint,
     )
@@ -226,6 +228,8 @@ def run(argv: Sequence[str]) -> Path:
     from oms_ext.train.trainer import TrainSettings, latest_checkpoint, train
 
     o = resolve_options(argv)
+    state = PartialState(cpu=bool(o["cpu"]))
+    say = print if state.is_main_process else (lambda *_: None)
     if o["checkpoint"] is None:
         raise TrainError("missing --checkpoint: the SD checkpoint (or VAE) whose latents to learn")
     scan = scan_folder(
@@ -234,13 +238,13 @@ def run(argv: Sequence[str]) -> Path:
     checkpoint = open_checkpoint(Path(o["checkpoint"]), o["family"])
     family = checkpoint.family
     resolution = int(o["resolution"] or RESOLUTIONS[family])
-    print(
+    say(
         f"OMS training data: {len(scan.examples)} images in {o['data']}"
         + (f', {scan.uncaptioned} without a caption (trained with "")' if scan.uncaptioned else "")
     )
-    report = _cached_latents(o, scan.examples, checkpoint, resolution)
+    report = _cached_latents(state, o, scan.examples, checkpoint, resolution)
     skipped = report.unreadable + report.tiny
-    print(
+    say(
         f"Latents: {report.encoded} encoded, {len(report.examples) - report.encoded} from the "
         "cache"
         + (
@@ -280,9 +284,7 @@ def run(argv: Sequence[str]) -> Path:
     result = train(
         settings, report.examples, choice.encoder, config, family=family, resume=resume_path
     )
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not state.is_main_process:
         return settings.output_dir / str(o["name"])
     facts = {
         "family": family,
@@ -323,15 +325,14 @@ def _check_output_disk(output_dir: Path, config: dict[str, Any], o: dict[str, An
     check_disk(output_dir, needed, "the module and its checkpoints")
 
 
-def _cached_latents(o: dict[str, Any], examples: list, checkpoint: Any, resolution: int) -> Any:
+def _cached_latents(
+    state: Any, o: dict[str, Any], examples: list, checkpoint: Any, resolution: int
+) -> Any:
     """Latents of ``examples`` through the cache; the main process encodes what is missing
     while the others wait, then they read the cache."""
-    from accelerate import PartialState
-
     from oms_ext.train.checkpoint import SCALING_FACTORS, encode_images, load_vae, vae_identity
     from oms_ext.train.latents import cache_latents
 
-    state = PartialState(cpu=bool(o["cpu"]))
     device = state.device
     vae_dtype = torch.float32 if device.type == "cpu" else torch.float16
     scale = SCALING_FACTORS[checkpoint.family]
