@@ -30,16 +30,16 @@ def write_images(folder: Path, captions: Mapping[str, str | None], size=(72, 64)
 
 
 def tiny_vae_folder(folder: Path, scaling_factor: float = 0.18215) -> Path:
-    """A random diffusers AutoencoderKL with the SD VAE's stride 8 and 4 latent channels."""
+    """A random diffusers AutoencoderKL with the SD VAE's stride 8, 4 latent channels and 32
+    GroupNorm groups (fixed in the single-file format), 32 channels wide."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
+        block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
-        norm_num_groups=4,
         latent_channels=4,
         scaling_factor=scaling_factor,
     )
@@ -81,3 +81,67 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_clip(hidden: int = 64, layers: int = 2, act: str = "quick_gelu", seed: int = 0):
+    """A random transformers CLIPTextModel with CLIP's vocabulary and 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=77, hidden_act=act, bos_token_id=49406, eos_token_id=49407,
+    )  # fmt: skip
+    return CLIPTextModel(config).eval()
+
+
+def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's weights under the single-file (ldm) names of an SD
+    checkpoint, ``first_stage_model.*`` (the inverse of diffusers' conversion)."""
+    import re
+
+    n = len(vae.config.block_out_channels)
+    attention = {
+        "group_norm": "norm",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "proj_out",
+    }
+    out = {}
+    for key, value in vae.state_dict().items():
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", key)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0", r"down.\1.downsample", k)
+        k = re.sub(
+            r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda m: f"up.{n - 1 - int(m[1])}.block.{m[2]}", k
+        )
+        k = re.sub(
+            r"up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"up.{n - 1 - int(m[1])}.upsample", k
+        )
+        k = k.replace("mid_block.resnets.0", "mid.block_1").replace(
+            "mid_block.resnets.1", "mid.block_2"
+        )
+        k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if "mid_block.attentions.0." in k:
+            for new, old in attention.items():
+                k = k.replace(f"mid_block.attentions.0.{new}.", f"mid.attn_1.{old}.")
+            if k.endswith("weight") and value.ndim == 2:
+                value = value[:, :, None, None]
+        out[f"first_stage_model.{k}"] = value.contiguous()
+    return out
+
+
+def sd1_single_file(path: Path, vae_folder: Path, clip) -> Path:
+    """A tiny SD1.x-style single-file checkpoint: a UNet stand-in key, the CLIP text model
+    under cond_stage_model.transformer, the VAE under first_stage_model."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    vae = AutoencoderKL.from_pretrained(str(vae_folder))
+    state = ldm_vae_state(vae)
+    state.update({f"cond_stage_model.transformer.{k}": v.contiguous()
+                  for k, v in clip.state_dict().items()})  # fmt: skip
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3)
+    save_file(state, str(path))
+    return path

@@ -49,7 +49,6 @@ DEFAULTS: dict[str, Any] = {
     "resume": None,
     "save_fp16": False,
     "cpu": False,
-    "vae_batch": 4,
 }
 REQUIRED = ("data", "output_dir")
 _PATHS = ("data", "output_dir", "checkpoint", "cache_dir", "models_dir")
@@ -152,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint file to continue from, or 'latest'")
     p.add_argument("--save-fp16", action="store_true", help="write fp16 weights as the releases")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
-    p.add_argument("--vae-batch", type=int, help="images per VAE call while caching (4)")
     return p
 
 

@@ -88,10 +88,12 @@ def export_module(
             target.rename(old)
         tmp.rename(target)
     except OSError as e:
+        if old.exists() and not target.exists():
+            old.rename(target)  # the earlier module stays as it was
         raise TrainError(f"cannot write the module {target} ({e})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -471,10 +471,3 @@ def write_preview(
     Image.fromarray(strip).save(tmp, format="PNG")
     tmp.replace(path)
     return path
-
-
-def settings_dict(settings: TrainSettings) -> dict[str, Any]:
-    """The settings as plain JSON values (no paths)."""
-    data = asdict(settings)
-    data.pop("output_dir")
-    return data

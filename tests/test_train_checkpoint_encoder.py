@@ -1,0 +1,89 @@
+"""A module trained on an SD1.x single-file checkpoint's own VAE and CLIP-L: the latents come
+from the file's VAE, the text states are the file's encoder's, and the module says it borrows
+the checkpoint's encoder instead of naming a download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from oms_ext import load_oms
+from oms_ext.errors import OMSUserError
+from oms_ext.train.checkpoint import SCALING_FACTORS, encode_images, load_vae, open_checkpoint
+from oms_ext.train.cli import main
+from oms_ext.train.encoders import ENCODER_SOURCE_KEY, choose_encoder, clip_l_tokenizer
+from oms_ext.train.export import training_facts
+from tests.train_helpers import (  # noqa: F401
+    RESOLUTION,
+    one_thread,
+    sd1_single_file,
+    tiny_clip,
+    tiny_vae_folder,
+    write_images,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd1")
+    vae = tiny_vae_folder(root / "vae")
+    clip = tiny_clip()
+    return sd1_single_file(root / "sd1-tiny.safetensors", vae, clip), vae, clip
+
+
+def test_single_file_vae_encodes_as_the_diffusers_vae(files) -> None:
+    checkpoint_file, vae_folder, _ = files
+    checkpoint = open_checkpoint(checkpoint_file)
+    assert checkpoint.family == "sd1" and checkpoint.single_file
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    from_file = encode_images(
+        load_vae(checkpoint, torch.device("cpu"), torch.float32), images, 0.18215
+    )
+    folder = open_checkpoint(vae_folder)
+    want = encode_images(load_vae(folder, torch.device("cpu"), torch.float32), images, 0.18215)
+    assert SCALING_FACTORS[checkpoint.family] == 0.18215
+    torch.testing.assert_close(from_file, want)
+
+
+def test_checkpoint_encoder_is_the_files_clip_last_hidden_state(files) -> None:
+    checkpoint_file, _, clip = files
+    choice = choose_encoder("checkpoint", open_checkpoint(checkpoint_file), None, torch.float32)
+    prompts = ["a dark room", ""]
+    ids = clip_l_tokenizer()(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids  # fmt: skip
+    assert int(ids[1, -1]) == 49407  # CLIP-L pads with end-of-text, as SD1.x does
+    with torch.no_grad():
+        want = clip(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(choice.encoder(prompts), want)
+    encoder_pointer, tokenizer_pointer = choice.pointers
+    assert encoder_pointer[ENCODER_SOURCE_KEY] == "checkpoint"
+    assert tokenizer_pointer[ENCODER_SOURCE_KEY] == "checkpoint"
+    assert encoder_pointer["_name_or_path"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_module_trained_on_the_checkpoints_encoder_borrows_it(files, tmp_path: Path) -> None:
+    checkpoint_file, _, _ = files
+    data = write_images(tmp_path / "data", {"a": "a dark room", "b": "a bright beach"})
+    assert main([
+        "--data", str(data), "--checkpoint", str(checkpoint_file), "--encoder", "checkpoint",
+        "--size", "tiny", "--output-dir", str(tmp_path / "out"), "--name", "own",
+        "--cache-dir", str(tmp_path / "cache"), "--resolution", str(RESOLUTION), "--steps", "2",
+        "--batch-size", "2", "--cpu", "--preview-every", "0",
+    ]) == 0  # fmt: skip
+    module = tmp_path / "out" / "own"
+    pointer = json.loads((module / "oms_text_encoder" / "config.json").read_text())
+    assert pointer[ENCODER_SOURCE_KEY] == "checkpoint"
+    assert not (module / "text_encoder").exists()  # nothing to download or copy
+    facts = training_facts(module)
+    assert facts["encoder_source"] == "checkpoint" and facts["family"] == "sd1"
+    encoder = choose_encoder("checkpoint", open_checkpoint(checkpoint_file), None, torch.float32)
+    model = load_oms(module, text_encoder=encoder.encoder)  # the host hands its encoder over
+    assert model.cross_attention_dim == 64
+    assert model.predict_x0(torch.randn(1, 4, 8, 8), "a dark room", 2.0).shape == (1, 4, 8, 8)
+    with pytest.raises(OMSUserError, match="stable-diffusion-v1-5"):
+        load_oms(module)  # on its own it looks for SD1.5's encoder files, offline: not there
