@@ -87,3 +87,35 @@ def test_module_trained_on_the_checkpoints_encoder_borrows_it(files, tmp_path: P
     assert model.predict_x0(torch.randn(1, 4, 8, 8), "a dark room", 2.0).shape == (1, 4, 8, 8)
     with pytest.raises(OMSUserError, match="stable-diffusion-v1-5"):
         load_oms(module)  # on its own it looks for SD1.5's encoder files, offline: not there
+
+
+def test_sdxl_checkpoints_pair_is_read_as_mixclip_reads_it(tmp_path: Path) -> None:
+    from oms_ext.text import read_pointer, tokenizer_from_openclip_vocab
+    from tests.train_helpers import sdxl_single_file
+
+    clip_l, clip_g = tiny_clip(seed=1), tiny_clip(layers=3, act="gelu", seed=2)
+    vae = tiny_vae_folder(tmp_path / "vae", scaling_factor=0.13025)
+    checkpoint = open_checkpoint(sdxl_single_file(tmp_path / "xl.safetensors", vae, clip_l, clip_g))
+    assert checkpoint.family == "sdxl" and SCALING_FACTORS["sdxl"] == 0.13025
+    choice = choose_encoder("checkpoint", checkpoint, None, torch.float32)
+    prompts = ["a red car", ""]
+    want = []
+    for clip, tokenizer in (
+        (clip_l, clip_l_tokenizer()),
+        (clip_g, tokenizer_from_openclip_vocab()),
+    ):
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            want.append(clip(input_ids=ids, output_hidden_states=True).hidden_states[-2])
+    torch.testing.assert_close(choice.encoder(prompts), torch.cat(want, dim=-1))
+    from oms_ext.train import module_config
+    from oms_ext.train.export import export_module
+    from oms_ext.unet import build_unet
+
+    config = module_config("tiny", choice.encoder.hidden_size)
+    module = export_module(tmp_path / "xl_own", build_unet(config), config, choice, {})
+    assert "SDXL" in read_pointer(module, "oms_text_encoder").class_name  # the dual layout
+    assert not (module / "oms_tokenizer").exists()
+    model = load_oms(module, text_encoder=choice.encoder)
+    assert model.cross_attention_dim == 128

@@ -145,3 +145,44 @@ def sd1_single_file(path: Path, vae_folder: Path, clip) -> Path:
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3)
     save_file(state, str(path))
     return path
+
+
+def openclip_layout(clip) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights in open_clip's layout (SDXL's second encoder,
+    ``conditioner.embedders.1.model.*`` without the prefix)."""
+    sd = {k.removeprefix("text_model."): v for k, v in clip.state_dict().items()}
+    width = clip.config.hidden_size
+    out = {
+        "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        "positional_embedding": sd["embeddings.position_embedding.weight"],
+        "ln_final.weight": sd["final_layer_norm.weight"],
+        "ln_final.bias": sd["final_layer_norm.bias"],
+        "text_projection": torch.eye(width),
+    }
+    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+    for i in range(clip.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [sd[f"{layer}self_attn.{n}_proj.{kind}"] for n in "qkv"]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for new, old in parts.items():
+                out[f"{block}{old}.{kind}"] = sd[f"{layer}{new}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def sdxl_single_file(path: Path, vae_folder: Path, clip_l, clip_g) -> Path:
+    """A tiny SDXL-style single-file checkpoint: CLIP-L under conditioner.embedders.0, the
+    open_clip-layout bigG stand-in under conditioner.embedders.1.model, the VAE."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    state = ldm_vae_state(AutoencoderKL.from_pretrained(str(vae_folder)))
+    state.update({f"conditioner.embedders.0.transformer.{k}": v.contiguous()
+                  for k, v in clip_l.state_dict().items()})  # fmt: skip
+    state.update(
+        {f"conditioner.embedders.1.model.{k}": v for k, v in openclip_layout(clip_g).items()}
+    )
+    state["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
+    save_file(state, str(path))
+    return path
