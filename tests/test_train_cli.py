@@ -108,3 +108,19 @@ def test_json_config_files_work_too(tmp_path: Path) -> None:
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"data": "imgs", "output_dir": "out", "size": "oms-b"}))
     assert resolve_options(["--config", str(config)])["size"] == "oms-b"
+
+
+def test_readme_toy_set_trains_without_skipping_an_image(tmp_path: Path, vae: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_training_set", Path(__file__).resolve().parents[1] / "tools" / "toy_training_set.py"
+    )
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    toy.write_toy_set(tmp_path / "toy")
+    args = _args(tmp_path / "toy", vae, tmp_path / "out", tmp_path / "cache", "--steps", "1")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "OMS training data: 12 images" in out and "Latents: 12 encoded" in out
+    assert "skipped" not in out and "without a caption" not in out

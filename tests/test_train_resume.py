@@ -3,6 +3,7 @@ Ctrl-C leaves a checkpoint to resume from, and a checkpoint of another run is re
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,18 @@ def test_only_the_newest_checkpoints_are_kept(parts, tmp_path) -> None:
           family="sd1")  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-000005.safetensors", "step-000006.safetensors"]
+
+
+def test_bf16_mixed_precision_trains_fp32_weights(parts, tmp_path) -> None:
+    encoder, examples, config = parts
+    runs = {
+        precision: train(_settings(tmp_path / precision, steps=2, save_every=0,
+                                   mixed_precision=precision), examples, encoder, config,
+                         family="sd1")
+        for precision in ("no", "bf16")
+    }  # fmt: skip
+    bf16 = runs["bf16"].model
+    assert {p.dtype for p in bf16.parameters()} == {torch.float32}
+    assert math.isfinite(runs["bf16"].loss)
+    fp32 = dict(runs["no"].model.named_parameters())
+    assert any(not torch.equal(p, fp32[n]) for n, p in bf16.named_parameters())  # autocast ran

@@ -287,9 +287,8 @@ def run(argv: Sequence[str]) -> Path:
     facts = {
         "family": family,
         "encoder": choice.description,
-        "encoder_source": "checkpoint"
-        if o["encoder"] == "checkpoint"
-        else str("release" if o["encoder"] == "release" else "module"),
+        # "checkpoint" (borrowed), "release" (SD 2.1's ViT-H) or "module" (copied into it)
+        "encoder_source": o["encoder"] if o["encoder"] in ("checkpoint", "release") else "module",
         "size": str(o["size"]) if str(o["size"]).lower() in PRESETS else "custom",
         "steps": result.step,
         "images": len(report.examples),
