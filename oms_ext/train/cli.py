@@ -327,14 +327,18 @@ def _cached_latents(
 ) -> Any:
     """Latents of ``examples`` through the cache; the main process encodes what is missing
     while the others wait, then they read the cache."""
+    from tqdm.auto import tqdm
+
     from oms_ext.train.checkpoint import SCALING_FACTORS, encode_images, load_vae, vae_identity
     from oms_ext.train.latents import cache_latents
 
     device = state.device
-    vae_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    # fp32 even on a GPU: SDXL's VAE overflows in fp16, and each image is encoded only once.
+    vae_dtype = torch.float32
     scale = SCALING_FACTORS[checkpoint.family]
     cache_dir = Path(o["cache_dir"] or Path.home() / ".cache" / "oms_ext" / "latents")
-    with state.main_process_first():
+    bar = tqdm(total=len(examples), desc="latents", unit="img", disable=not state.is_main_process)
+    with state.main_process_first(), bar:
         vae = load_vae(checkpoint, device, vae_dtype)
         return cache_latents(
             examples,
@@ -343,6 +347,7 @@ def _cached_latents(
             cache_dir=cache_dir,
             resolution=resolution,
             min_size=int(o["min_image_size"] or resolution // 2),
+            progress=bar.update,
         )
 
 

@@ -38,8 +38,8 @@ DISK_HEADROOM = 1.2
 
 @dataclass(frozen=True)
 class LatentExample:
-    """A cached example: latent [4, h, w] of the resized image and of its mirror image, the
-    caption."""
+    """A cached example: latent [4, h, w] of the resized image and of its mirror image (kept in
+    the cache's float16 to halve the memory of large sets; any float dtype), the caption."""
 
     latent: torch.Tensor
     flipped: torch.Tensor
@@ -143,7 +143,7 @@ def cache_latents(
             except OSError as e:
                 raise TrainError(f"cannot write the latent cache in {cache_dir} ({e})") from e
             encoded += 1
-        kept.append(LatentExample(cached[0].float(), cached[1].float(), example.caption))
+        kept.append(LatentExample(cached[0], cached[1], example.caption))
         if progress:
             progress(1)
     return CacheReport(kept, encoded, unreadable, tiny)
@@ -201,7 +201,7 @@ def draw_sample(
     _, h, w = latent.shape
     top = int(torch.randint(0, h - size + 1, (), generator=generator))
     left = int(torch.randint(0, w - size + 1, (), generator=generator))
-    x0 = latent[:, top : top + size, left : left + size]
+    x0 = latent[:, top : top + size, left : left + size].float()
     dropped = bool(torch.rand((), generator=generator) < caption_dropout)
     noise = torch.randn(x0.shape, generator=generator)
     return Sample(noise, -x0, "" if dropped else example.caption)
