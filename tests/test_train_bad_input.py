@@ -146,29 +146,31 @@ def test_diffusers_vae_folder_with_only_pickle_weights_is_refused(
     _one_line_error(capsys, "no .safetensors VAE weights", "pickle")
 
 
+def _small_disk_at(folder: Path, monkeypatch) -> None:
+    """shutil.disk_usage reports 1000 bytes free in ``folder`` (created), the truth elsewhere."""
+    import shutil
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def fake(path):
+        return usage(10**9, 10**9 - 1000, 1000) if Path(path) == folder else real(path)
+
+    monkeypatch.setattr("shutil.disk_usage", fake)
+
+
 def test_not_enough_disk_for_the_cache(tmp_path: Path, vae: Path, capsys, monkeypatch) -> None:
     data = write_images(tmp_path / "data", CAPTIONS)
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    _small_disk_at(tmp_path / "cache", monkeypatch)
     assert _run(tmp_path, data, vae) == 2
     _one_line_error(capsys, "not enough disk for the latent cache", "MB free")
     _nothing_written(tmp_path)
 
 
 def test_not_enough_disk_for_the_module(tmp_path: Path, vae: Path, capsys, monkeypatch) -> None:
-    import shutil
-
     data = write_images(tmp_path / "data", CAPTIONS)
-    real = shutil.disk_usage
-    usage = namedtuple("usage", "total used free")
-
-    def small_where_the_module_goes(path):
-        if Path(path) == tmp_path / "out":
-            return usage(10**9, 10**9 - 1000, 1000)
-        return real(path)
-
-    (tmp_path / "out").mkdir()
-    monkeypatch.setattr("shutil.disk_usage", small_where_the_module_goes)
+    _small_disk_at(tmp_path / "out", monkeypatch)
     assert _run(tmp_path, data, vae) == 2
     _one_line_error(capsys, "not enough disk for the module and its checkpoints")
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -180,3 +182,12 @@ def test_batch_that_does_not_split_over_accumulation(tmp_path: Path, vae: Path, 
     data = write_images(tmp_path / "data", CAPTIONS)
     assert _run(tmp_path, data, vae, "--batch-size", "3", "--grad-accum", "2") == 2
     _one_line_error(capsys, "multiple of --grad-accum")
+    _nothing_written(tmp_path)  # refused before any latent is encoded
+
+
+def test_release_encoder_not_on_this_computer(tmp_path: Path, vae: Path, capsys) -> None:
+    data = write_images(tmp_path / "data", CAPTIONS)
+    args = ["--encoder", "release", "--models-dir", str(tmp_path / "models")]
+    assert _run(tmp_path, data, vae, *args) == 2
+    _one_line_error(capsys, "stabilityai/stable-diffusion-2-1", "huggingface-cli download")
+    _nothing_written(tmp_path)

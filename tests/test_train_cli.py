@@ -93,6 +93,9 @@ def test_latents_are_cached_once_and_reencoded_when_an_image_changes(
     assert "Latents: 1 encoded, 3 from the cache" in capsys.readouterr().out
     main([*args, "--resolution", "72"])
     assert "Latents: 4 encoded, 0 from the cache" in capsys.readouterr().out
+    other_vae = tiny_vae_folder(tmp_path / "other_vae", seed=1)
+    main([*args, "--checkpoint", str(other_vae)])
+    assert "Latents: 4 encoded, 0 from the cache" in capsys.readouterr().out
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:

@@ -29,12 +29,12 @@ def write_images(folder: Path, captions: Mapping[str, str | None], size=(72, 64)
     return folder
 
 
-def tiny_vae_folder(folder: Path, scaling_factor: float = 0.18215) -> Path:
+def tiny_vae_folder(folder: Path, scaling_factor: float = 0.18215, seed: int = 0) -> Path:
     """A random diffusers AutoencoderKL with the SD VAE's stride 8, 4 latent channels and 32
     GroupNorm groups (fixed in the single-file format), 32 channels wide."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,

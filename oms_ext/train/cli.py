@@ -240,24 +240,6 @@ def run(argv: Sequence[str]) -> Path:
         f"OMS training data: {len(scan.examples)} images in {o['data']}"
         + (f', {scan.uncaptioned} without a caption (trained with "")' if scan.uncaptioned else "")
     )
-    report = _cached_latents(state, o, scan.examples, checkpoint, resolution)
-    skipped = report.unreadable + report.tiny
-    say(
-        f"Latents: {report.encoded} encoded, {len(report.examples) - report.encoded} from the "
-        "cache"
-        + (
-            f"; skipped {report.unreadable} unreadable and {report.tiny} too small image(s)"
-            if skipped
-            else ""
-        )
-    )
-    choice = choose_encoder(str(o["encoder"]), checkpoint, o["models_dir"], torch.float32)
-    config = module_config(str(o["size"]), choice.encoder.hidden_size)
-    _check_output_disk(Path(o["output_dir"]), config, o)
-    prompts = (
-        o["preview_prompts"]
-        or list(dict.fromkeys(e.caption for e in report.examples if e.caption))[:4]
-    )
     settings = TrainSettings(
         output_dir=Path(o["output_dir"]),
         steps=int(o["steps"]),
@@ -272,13 +254,31 @@ def run(argv: Sequence[str]) -> Path:
         save_every=int(o["save_every"]),
         keep_checkpoints=int(o["keep_checkpoints"]),
         preview_every=int(o["preview_every"]),
-        preview_prompts=list(prompts),
+        preview_prompts=list(o["preview_prompts"] or []),
         cpu=bool(o["cpu"]),
     )
+    settings.check()  # before any slow work
     resume = o["resume"]
     resume_path = None
     if resume is not None:
         resume_path = latest_checkpoint(settings.output_dir) if resume == "latest" else Path(resume)
+    choice = choose_encoder(str(o["encoder"]), checkpoint, o["models_dir"], torch.float32)
+    config = module_config(str(o["size"]), choice.encoder.hidden_size)
+    _check_output_disk(Path(o["output_dir"]), config, o)
+    report = _cached_latents(state, o, scan.examples, checkpoint, resolution)
+    skipped = report.unreadable + report.tiny
+    say(
+        f"Latents: {report.encoded} encoded, {len(report.examples) - report.encoded} from the "
+        "cache"
+        + (
+            f"; skipped {report.unreadable} unreadable and {report.tiny} too small image(s)"
+            if skipped
+            else ""
+        )
+    )
+    if not settings.preview_prompts:  # the first four captions
+        captions = dict.fromkeys(e.caption for e in report.examples if e.caption)
+        settings.preview_prompts = list(captions)[:4]
     result = train(
         settings, report.examples, choice.encoder, config, family=family, resume=resume_path
     )
