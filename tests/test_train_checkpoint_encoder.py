@@ -119,3 +119,31 @@ def test_sdxl_checkpoints_pair_is_read_as_mixclip_reads_it(tmp_path: Path) -> No
     assert not (module / "oms_tokenizer").exists()
     model = load_oms(module, text_encoder=choice.encoder)
     assert model.cross_attention_dim == 128
+
+
+def test_sd2_checkpoints_own_encoder_is_the_release_encoder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from oms_ext.text import tokenizer_from_openclip_vocab
+    from oms_ext.train.encoders import release_pointers
+    from tests.train_helpers import openclip_layout
+
+    clip = tiny_clip(layers=3, act="gelu", seed=3)  # an OpenCLIP tower: 3 blocks, SD2 reads 2
+    state = {f"cond_stage_model.model.{k}": v for k, v in openclip_layout(clip).items()}
+    state["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "sd2.safetensors"))
+    checkpoint = open_checkpoint(tmp_path / "sd2.safetensors")
+    assert checkpoint.family == "sd2"
+    choice = choose_encoder("checkpoint", checkpoint, None, torch.float32)
+    tokenizer = tokenizer_from_openclip_vocab()
+    ids = tokenizer(
+        ["a red car"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        hidden = clip(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        want = clip.text_model.final_layer_norm(hidden)  # penultimate block + ln_final
+    torch.testing.assert_close(choice.encoder(["a red car"]), want)
+    release = release_pointers()
+    plain = [{k: v for k, v in p.items() if k != ENCODER_SOURCE_KEY} for p in choice.pointers]
+    assert plain == list(release)
+    assert choice.pointers[0][ENCODER_SOURCE_KEY] == "checkpoint"
