@@ -39,6 +39,11 @@ from oms_ext.train.latents import (
 from oms_ext.unet import build_unet, count_parameters
 
 CHECKPOINT_FORMAT = "oms-train-checkpoint-1"
+#: Text states kept in memory at most (MB, float32); with more captions they are encoded anew
+#: at every step.
+TEXT_CACHE_MB = 4096
+#: Captions per text-encoder call when the states are computed up front.
+TEXT_CHUNK = 64
 CHECKPOINT_GLOB = "step-*.safetensors"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PREVIEW_SEED = 1234
@@ -133,6 +138,42 @@ def data_digest(examples: Sequence[LatentExample]) -> str:
     return digest.hexdigest()[:32]
 
 
+class TextStates:
+    """The text states of a run's captions and of "" (caption dropout).
+
+    The encoder is frozen, so each caption's states are computed once, before training: the
+    sorted unique captions in fixed chunks of :data:`TEXT_CHUNK` (every run and process gets
+    the very same values, whatever the batches), kept on the CPU in float32. That takes the
+    encoder out of the steps (for OMS-S with a ViT-H it costs more than the module itself).
+    When they would exceed ``limit_mb``, captions are encoded at every step instead.
+    """
+
+    def __init__(self, encoder: Any, captions: Sequence[str], limit_mb: float, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.encoder = encoder
+        unique = sorted({*captions, ""})
+        size_mb = len(unique) * 77 * int(encoder.hidden_size) * 4 / 1e6
+        self.table: torch.Tensor | None = None
+        if size_mb > limit_mb:
+            return
+        self.index = {caption: i for i, caption in enumerate(unique)}
+        chunks = []
+        starts = range(0, len(unique), TEXT_CHUNK)
+        with torch.no_grad():
+            for i in tqdm(starts, desc="captions", unit="chunk", disable=not progress):
+                chunks.append(encoder(unique[i : i + TEXT_CHUNK]).to("cpu", torch.float32))
+        self.table = torch.cat(chunks)
+
+    def __call__(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Text states [B, 77, D] (float32 on ``device``) of ``captions``."""
+        if self.table is None:
+            with torch.no_grad():
+                return self.encoder(list(captions)).to(device, torch.float32)
+        rows = torch.tensor([self.index[c] for c in captions])
+        return self.table[rows].to(device, torch.float32)
+
+
 class _Order:
     """Example index at a stream position, one permutation per epoch (see latents.py)."""
 
@@ -203,6 +244,9 @@ def train(
         start = load_checkpoint(resume, model, optimizer, fingerprint)
     model, optimizer = accelerator.prepare(model, optimizer)
     encoder.to(device=accelerator.device)
+    texts = TextStates(
+        encoder, [e.caption for e in examples], TEXT_CACHE_MB, progress=settings.progress
+    )
     order = _Order(settings.seed, len(examples))
     main = accelerator.is_main_process
     checkpoints = settings.output_dir / "checkpoints"
@@ -220,7 +264,7 @@ def train(
                 accelerator,
                 model,
                 optimizer,
-                encoder,
+                texts,
                 examples,
                 order,
                 settings,
@@ -290,7 +334,7 @@ def _optimizer_step(
     accelerator: Any,
     model: torch.nn.Module,
     optimizer: Any,
-    encoder: Any,
+    texts: TextStates,
     examples: Sequence[LatentExample],
     order: _Order,
     settings: TrainSettings,
@@ -315,8 +359,7 @@ def _optimizer_step(
         ]
         noise = torch.stack([s.noise for s in samples]).to(accelerator.device)
         target = torch.stack([s.target for s in samples]).to(accelerator.device)
-        with torch.no_grad():
-            context = encoder([s.caption for s in samples]).to(accelerator.device, torch.float32)
+        context = texts([s.caption for s in samples], accelerator.device)
         last = k == settings.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
