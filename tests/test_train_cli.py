@@ -127,3 +127,20 @@ def test_readme_toy_set_trains_without_skipping_an_image(tmp_path: Path, vae: Pa
     out = capsys.readouterr().out
     assert "OMS training data: 12 images" in out and "Latents: 12 encoded" in out
     assert "skipped" not in out and "without a caption" not in out
+
+
+def test_resume_latest_continues_a_run_to_the_weights_of_an_uninterrupted_one(
+    tmp_path: Path, vae: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    data = write_images(tmp_path / "data", CAPTIONS)
+    weights = Path("mine") / "oms_module" / "diffusion_pytorch_model.safetensors"
+    full = _args(data, vae, tmp_path / "full", tmp_path / "cache", "--steps", "6")
+    assert main(full) == 0
+    part = _args(data, vae, tmp_path / "part", tmp_path / "cache", "--steps", "4")
+    assert main(part) == 0
+    assert main([*part, "--steps", "6", "--resume", "latest"]) == 0
+    assert training_facts(tmp_path / "part" / "mine")["steps"] == 6
+    a, b = load_file(str(tmp_path / "full" / weights)), load_file(str(tmp_path / "part" / weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
