@@ -191,3 +191,11 @@ def test_release_encoder_not_on_this_computer(tmp_path: Path, vae: Path, capsys)
     assert _run(tmp_path, data, vae, *args) == 2
     _one_line_error(capsys, "stabilityai/stable-diffusion-2-1", "huggingface-cli download")
     _nothing_written(tmp_path)
+
+
+def test_not_enough_memory_for_the_latents(tmp_path: Path, vae: Path, capsys, monkeypatch) -> None:
+    data = write_images(tmp_path / "data", CAPTIONS)
+    monkeypatch.setattr("oms_ext.train.latents.available_memory", lambda: 1000)
+    assert _run(tmp_path, data, vae) == 2
+    _one_line_error(capsys, "not enough memory for the latents of 2 images", "MB available")
+    _nothing_written(tmp_path)

@@ -222,6 +222,7 @@ def run(argv: Sequence[str]) -> Path:
     from oms_ext.train.data import scan_folder
     from oms_ext.train.encoders import choose_encoder
     from oms_ext.train.export import export_module
+    from oms_ext.train.latents import check_memory
     from oms_ext.train.presets import module_config
     from oms_ext.train.trainer import TrainSettings, latest_checkpoint, train
 
@@ -265,6 +266,7 @@ def run(argv: Sequence[str]) -> Path:
     choice = choose_encoder(str(o["encoder"]), checkpoint, o["models_dir"], torch.float32)
     config = module_config(str(o["size"]), choice.encoder.hidden_size)
     _check_output_disk(Path(o["output_dir"]), config, o)
+    check_memory(len(scan.examples), resolution)
     report = _cached_latents(state, o, scan.examples, checkpoint, resolution)
     skipped = report.unreadable + report.tiny
     say(

@@ -82,6 +82,30 @@ def check_disk(folder: Path, needed_bytes: int, what: str) -> None:
         )
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(images: int, resolution: int) -> None:
+    """Raise :class:`TrainError` when the latents of ``images`` (float16, image and mirror,
+    the long side taken as twice the short one) would not fit in the available memory."""
+    free = available_memory()
+    needed = images * (resolution // VAE_STRIDE) ** 2 * 4 * 2 * 2 * CACHE_BYTES_PER_ELEMENT
+    if free is not None and needed * DISK_HEADROOM > free:
+        raise TrainError(
+            f"not enough memory for the latents of {images} images: about "
+            f"{needed * DISK_HEADROOM / 1e6:.0f} MB needed, {free / 1e6:.0f} MB available; "
+            f"train on fewer images or at a smaller --resolution"
+        )
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
