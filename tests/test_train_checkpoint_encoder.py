@@ -12,10 +12,11 @@ import torch
 
 from oms_ext import load_oms
 from oms_ext.errors import OMSUserError
+from oms_ext.loading import training_facts
+from oms_ext.text import ENCODER_SOURCE_KEY
 from oms_ext.train.checkpoint import SCALING_FACTORS, encode_images, load_vae, open_checkpoint
 from oms_ext.train.cli import main
-from oms_ext.train.encoders import ENCODER_SOURCE_KEY, choose_encoder, clip_l_tokenizer
-from oms_ext.train.export import training_facts
+from oms_ext.train.encoders import choose_encoder, clip_l_tokenizer
 from tests.train_helpers import (  # noqa: F401
     RESOLUTION,
     one_thread,
@@ -147,3 +148,42 @@ def test_sd2_checkpoints_own_encoder_is_the_release_encoder(tmp_path: Path) -> N
     plain = [{k: v for k, v in p.items() if k != ENCODER_SOURCE_KEY} for p in choice.pointers]
     assert plain == list(release)
     assert choice.pointers[0][ENCODER_SOURCE_KEY] == "checkpoint"
+
+
+def test_the_trained_module_runs_in_the_webui_on_the_checkpoints_own_clip_l(
+    files, tmp_path: Path
+) -> None:
+    """End to end: trained here, dropped into the WebUI's models/oms, chosen by "Auto" on the
+    SD1.x checkpoint it was trained on (its CLIP-L lent by A1111's stand-in): OMS applies,
+    nothing is downloaded, and the start is the module's x_T with the checkpoint's encoder."""
+    from types import SimpleNamespace
+
+    from oms_ext import oms_start
+    from oms_ext.runtime.cache import ModelCache
+    from oms_ext.webui.glue import Host, OMSController
+    from tests import webui_standins as wi
+
+    checkpoint_file, _, clip = files
+    data = write_images(tmp_path / "data", {"a": "a dark room", "b": "a bright beach"})
+    assert main([
+        "--data", str(data), "--checkpoint", str(checkpoint_file), "--encoder", "checkpoint",
+        "--size", "tiny", "--output-dir", str(tmp_path / "models" / "oms"), "--name", "own",
+        "--cache-dir", str(tmp_path / "cache"), "--resolution", str(RESOLUTION), "--steps", "2",
+        "--batch-size", "2", "--cpu", "--preview-every", "0",
+    ]) == 0  # fmt: skip
+    sd_model = wi.SDModel()
+    lent = SimpleNamespace(transformer=clip, tokenizer=clip_l_tokenizer())  # FrozenCLIPEmbedder
+    sd_model.cond_stage_model = SimpleNamespace(wrapped=lent)
+    opts = SimpleNamespace(sgm_noise_multiplier=False, oms_dtype="fp32", oms_allow_download=False)
+    host = Host("a1111", opts, SimpleNamespace(), "cpu", tmp_path / "models", tmp_path, True,
+                log=lambda _: None, cache=ModelCache())  # fmt: skip
+    p = wi.Txt2Img(sd_model=sd_model, sampler_factory=lambda: wi.KDiffusionSampler(opts=opts))
+    p.scripts = wi.ScriptRunner(OMSController(host), "1.10", [True, "", "", 2.0, "Auto"])
+    wi.process_images(p)
+    assert p.infotexts[0]["OMS module"] == "own" and "OMS alpha_bar0" in p.infotexts[0]
+    encoder = choose_encoder("checkpoint", open_checkpoint(checkpoint_file), None, torch.float32)
+    model = load_oms(tmp_path / "models" / "oms" / "own", text_encoder=encoder.encoder)
+    x_S = wi.ImageRNG((4, p.height // 8, p.width // 8), p.all_seeds[:2]).first()
+    x0 = model.predict_x0(x_S, p.all_prompts[:2], 2.0)
+    want = oms_start(x0, x_S, wi.start_alpha_bar_of(p.samplers[0], p.steps))
+    torch.testing.assert_close(wi.vp_start_of(p.samplers[0], p.steps), want, atol=2e-5, rtol=1e-4)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from oms_ext import load_oms
+from oms_ext.loading import training_facts
 from oms_ext.train.cli import main, resolve_options
-from oms_ext.train.export import training_facts
 from tests.train_helpers import (  # noqa: F401
     RESOLUTION,
     TINY_ENCODER,

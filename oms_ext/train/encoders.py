@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from oms_ext.text import (
+    ENCODER_SOURCE_CHECKPOINT,
+    ENCODER_SOURCE_KEY,
     SD21_REPO,
     ConcatPromptEncoder,
     PromptEncoder,
@@ -52,9 +54,6 @@ from oms_ext.train.errors import TrainError
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
-#: Pointer field marking a module that reads the loaded checkpoint's own text encoder.
-ENCODER_SOURCE_KEY = "oms_encoder_source"
-ENCODER_SOURCE_CHECKPOINT = "checkpoint"
 DUAL_CLASS = "SDXLTextEncoder"
 #: OpenAI CLIP ViT-L/14's text tower (SD1.x, and SDXL's first encoder).
 CLIP_L_CONFIG = {

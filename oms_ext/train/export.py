@@ -21,13 +21,17 @@ from typing import Any
 import torch
 
 from oms_ext import __version__
-from oms_ext.loading import METADATA_CONFIG_KEY, MODULE_FOLDER, WEIGHT_FILE_NAMES
+from oms_ext.loading import (
+    METADATA_CONFIG_KEY,
+    MODULE_FOLDER,
+    TRAINING_METADATA_KEY,
+    WEIGHT_FILE_NAMES,
+)
 from oms_ext.runtime.registry import is_module_folder
 from oms_ext.train.encoders import DUAL_CLASS, EncoderChoice, write_pointers
 from oms_ext.train.errors import TrainError
 from oms_ext.train.latents import atomic_save, check_disk
 
-TRAINING_METADATA_KEY = "oms_training"
 MODULE_CLASS = "UNet2DConditionWoCTModel"
 
 
@@ -100,11 +104,3 @@ def export_module(
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
-
-def training_facts(path: Path) -> dict[str, Any]:
-    """The ``oms_training`` metadata of a module folder or weights file."""
-    from oms_ext.loading import find_module_files, read_header
-
-    weights = find_module_files(path)[1] if path.is_dir() else path
-    _, metadata = read_header(weights)
-    return json.loads(metadata.get(TRAINING_METADATA_KEY, "{}"))
