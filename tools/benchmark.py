@@ -295,7 +295,7 @@ def count_flops(fn: Callable[[], object]) -> int:
         def sdpa_flops(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
             return flop_counter.sdpa_flop_count(q, k, v)
 
-        mapping[cpu_sdpa] = flop_counter.shape_wrapper(sdpa_flops)
+        mapping[cpu_sdpa] = sdpa_flops  # FlopCounterMode wraps it (passes out_shape)
     with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as c:
         fn()
     return c.get_total_flops()
