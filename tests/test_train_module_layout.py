@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from oms_ext import load_oms
+from oms_ext.loading import training_facts
 from oms_ext.runtime.registry import module_status, scan_modules
-from oms_ext.text import SD21_REPO, models_dir_folder
+from oms_ext.text import ENCODER_SOURCE_KEY, SD21_REPO, models_dir_folder
 from oms_ext.train import module_config
-from oms_ext.train.encoders import ENCODER_SOURCE_KEY, choose_encoder
-from oms_ext.train.export import export_module, training_facts
+from oms_ext.train.encoders import choose_encoder
+from oms_ext.train.export import export_module
 from oms_ext.unet import build_unet
 from tests.train_helpers import TINY_MODULE
 
