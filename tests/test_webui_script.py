@@ -268,6 +268,17 @@ def test_picking_another_checkpoint_redraws_the_module_notes(
     assert "OMS will be skipped" not in notes
 
 
+def test_gradios_unrendered_copy_of_the_checkpoint_list_is_not_followed(script_module, tmp_path):
+    """gradio 4 rebuilds the list with render=False outside any Blocks on each choices update
+    (Forge refreshes them at page load); attaching an event there raised in the console."""
+    _checkpoints(tmp_path, loaded_key="sd15")
+    script_module.IS_FORGE = True
+    copy = _build_page(
+        script_module, label="Checkpoint", elem_classes=["model_selection"], render=False
+    )
+    assert copy.changes == []
+
+
 def test_other_lists_do_not_redraw_the_module_notes(script_module, tmp_path):
     _checkpoints(tmp_path, loaded_key="sd15")
     vae_list = _build_page(script_module, elem_id="setting_sd_vae", label="SD VAE")

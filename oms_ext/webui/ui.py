@@ -165,7 +165,12 @@ FORGE_CHECKPOINT = ("Checkpoint", "model_selection")
 
 def is_checkpoint_list(component_kwargs: dict[str, Any]) -> bool:
     """Whether a component built with ``component_kwargs`` (as the WebUI's after-component
-    callback passes them) is the WebUI's checkpoint list."""
+    callback passes them) is the WebUI's checkpoint list. Not the copy gradio 4 builds with
+    ``render=False`` outside any Blocks for each property update of the list (``blocks.py``
+    ``postprocess_data``, e.g. Forge's refresh of its choices at every page load): Forge's
+    after-component hook fires for it too, and an event cannot be attached there."""
+    if component_kwargs.get("render") is False:
+        return False
     if component_kwargs.get("elem_id") == CHECKPOINT_ELEM_ID:
         return True
     label, css_class = FORGE_CHECKPOINT
