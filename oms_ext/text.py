@@ -272,6 +272,29 @@ class ClipPromptEncoder(TokenEncoder):
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.dtype = dtype if dtype is not None else next(model.parameters()).dtype
 
+    @classmethod
+    def at_layer(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        penultimate: bool,
+        owns_model: bool,
+        compute_device: Callable[[], torch.device] | None = None,
+    ) -> ClipPromptEncoder:
+        """The model read as the checkpoints' conventions read it: ``last_hidden_state``
+        (SD1.x, SD 2.1's 23-layer tower), or with ``penultimate`` ``hidden_states[-2]``
+        without the final LayerNorm (SDXL's pair, the mixclip release)."""
+        depth = int(model.config.num_hidden_layers)
+        return cls(
+            model,
+            tokenizer,
+            num_layers=depth - 1 if penultimate else depth,
+            final_norm=not penultimate,
+            owns_model=owns_model,
+            compute_device=compute_device,
+        )
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> ClipPromptEncoder:
@@ -780,14 +803,7 @@ def _load_clip_encoder(
             raise
         tok = tokenizer_from_openclip_vocab()
     model = load_clip_text_model(enc_folder, with_projection=with_projection, dtype=dtype)
-    depth = int(model.config.num_hidden_layers)
-    return ClipPromptEncoder(
-        model,
-        tok,
-        num_layers=depth - 1 if penultimate else depth,
-        final_norm=not penultimate,
-        owns_model=True,
-    )
+    return ClipPromptEncoder.at_layer(model, tok, penultimate=penultimate, owns_model=True)
 
 
 def _is_dual(root: Path, encoder: Pointer) -> bool:

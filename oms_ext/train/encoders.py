@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from oms_ext.runtime.registry import SDXL_REPO
 from oms_ext.text import (
     ENCODER_SOURCE_CHECKPOINT,
     ENCODER_SOURCE_KEY,
@@ -53,7 +54,6 @@ from oms_ext.train.checkpoint import (
 from oms_ext.train.errors import TrainError
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 DUAL_CLASS = "SDXLTextEncoder"
 #: OpenAI CLIP ViT-L/14's text tower (SD1.x, and SDXL's first encoder).
 CLIP_L_CONFIG = {
@@ -142,14 +142,7 @@ def _folder_encoder(folder: Path, suffix: str, *, penultimate: bool, dtype: torc
         raise TrainError(
             f"{folder}: cannot load text_encoder{suffix}/tokenizer{suffix} ({e})"
         ) from e
-    depth = int(model.config.num_hidden_layers)
-    return _Clip(
-        model,
-        tokenizer,
-        num_layers=depth - 1 if penultimate else depth,
-        final_norm=not penultimate,
-        owns_model=True,
-    )
+    return _Clip.at_layer(model, tokenizer, penultimate=penultimate, owns_model=True)
 
 
 def _checkpoint_encoder(checkpoint: Checkpoint, dtype: torch.dtype) -> EncoderChoice:
@@ -214,14 +207,7 @@ def _clip_l_from_file(path: Path, prefix: str, penultimate: bool, dtype: torch.d
         model = CLIPTextModel(CLIPTextConfig(**_clip_l_config(state)))
     load_text_state_dict(model, state, source=path.name, dtype=dtype)
     model = model.eval().requires_grad_(False)
-    depth = int(model.config.num_hidden_layers)
-    return _Clip(
-        model,
-        clip_l_tokenizer(),
-        num_layers=depth - 1 if penultimate else depth,
-        final_norm=not penultimate,
-        owns_model=True,
-    )
+    return _Clip.at_layer(model, clip_l_tokenizer(), penultimate=penultimate, owns_model=True)
 
 
 def _clip_l_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -337,7 +337,9 @@ def checkpoint_text_encoder(
         clip = _clip_embedder(getattr(sd_model, "cond_stage_model", None))
         if clip is None:
             return None
-        return ClipPromptEncoder(*clip, owns_model=False, compute_device=on_device)
+        return ClipPromptEncoder.at_layer(
+            *clip, penultimate=False, owns_model=False, compute_device=on_device
+        )
     if family != "sdxl":
         return None
     embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or []
@@ -348,9 +350,8 @@ def checkpoint_text_encoder(
     blocks = getattr(getattr(big_g, "transformer", None), "resblocks", None)
     if clip_l is None or blocks is None:
         return None
-    depth = int(clip_l[0].config.num_hidden_layers)
-    first = ClipPromptEncoder(
-        *clip_l, num_layers=depth - 1, final_norm=False, owns_model=False, compute_device=on_device
+    first = ClipPromptEncoder.at_layer(
+        *clip_l, penultimate=True, owns_model=False, compute_device=on_device
     )
     second = wrap_openclip_tower(
         big_g, num_layers=len(blocks) - 1, final_norm=False, compute_device=on_device

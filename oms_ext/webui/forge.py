@@ -199,12 +199,10 @@ def checkpoint_text_encoder(sd_model: Any, family: str) -> PromptEncoder | None:
         tokenizer = getattr(tokenizers, name, None)
         if getattr(transformer, "config", None) is None or tokenizer is None:
             return None
-        depth = int(transformer.config.num_hidden_layers)
-        return ClipPromptEncoder(
+        return ClipPromptEncoder.at_layer(
             transformer,
             tokenizer,
-            num_layers=depth - 1 if penultimate else depth,
-            final_norm=not penultimate,
+            penultimate=penultimate,
             owns_model=False,
             compute_device=text_encoder_device,
         )
