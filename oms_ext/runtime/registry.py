@@ -176,6 +176,11 @@ def is_module_file(path: Path) -> bool:
     return has_module_keys and not any(k.startswith("time_embedding.") for k in shapes)
 
 
+def module_name(path: Path) -> str:
+    """The name a module at ``path`` goes by: its folder's name, or its file's stem."""
+    return path.name if path.is_dir() else path.stem
+
+
 def _module_entry(entry: Path) -> LocalModule | None:
     if entry.name.startswith("."):  # hidden, or a download's staging folder
         return None

@@ -45,7 +45,7 @@ from oms_ext.runtime.args import (
 from oms_ext.runtime.cache import MODEL_CACHE, ModelCache
 from oms_ext.runtime.download import console
 from oms_ext.runtime.provider import ModelRequest, provide_model
-from oms_ext.runtime.registry import auto_choice, own_module, resolve_module
+from oms_ext.runtime.registry import module_name, own_module, resolve_module
 from oms_ext.runtime.runner import Outcome, run_oms, skipped
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.text import TextEncoderError
@@ -281,11 +281,14 @@ class OMSController:
             return outcome
         settings = Settings.from_opts(self.host.opts)
         loaded = False
+        picked = ""  # the module's name, for "Auto"
 
         def load(fp32: bool) -> OMSModel:
-            nonlocal loaded
+            nonlocal loaded, picked
             loaded = True  # (no reference kept: a model the cache drops must leave memory)
-            return self.provide(p.oms_args, inputs.family, settings, sd_model, fp32=fp32)
+            model = self.provide(p.oms_args, inputs.family, settings, sd_model, fp32=fp32)
+            picked = module_name(model.source)
+            return model
 
         with self.host.precision_scope():
             outcome = run_oms(inputs, p.oms_args, load)
@@ -301,8 +304,6 @@ class OMSController:
         if outcome.applied and p.oms_args.module == AUTO_MODULE:
             # Name the module "Auto" picked, so pasting the infotext reproduces the image
             # even on a checkpoint of another family.
-            folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
-            picked = auto_choice(inputs.family, folders)
             infotext = {**infotext, FIELD_BY_ATTR["module"].label: picked}
         _record(p, infotext, replace=first_pass)
         if SKIPPED_KEY in infotext:
