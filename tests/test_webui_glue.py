@@ -251,6 +251,21 @@ def test_nothing_is_loaded_while_oms_is_off(models_dir, monkeypatch, version):
     assert sorted(set(reads)) == ["_build_and_fill", "load_clip_text_model"]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_batch_looks_through_the_models_folders_once(models_dir, monkeypatch, version):
+    """The module is resolved once per batch: choosing its text encoder and loading it share
+    that one look at the folders."""
+    import oms_ext.runtime.registry as registry
+
+    scans: list[int] = []
+    real = registry.scan_modules
+    monkeypatch.setattr(registry, "scan_modules", lambda *a, **k: scans.append(1) or real(*a, **k))
+    p, _ = make_run(models_dir, version, n_iter=2)
+    wi.process_images(p)
+    assert all(ALPHA_BAR_KEY in info for info in p.infotexts)
+    assert len(scans) == 2
+
+
 def test_infotext_records_marker_version_alpha_bar_and_non_defaults(models_dir):
     p, _ = make_run(models_dir, "1.10", args=[True, "dark", "", 3.0, "oms_tiny"])
     wi.process_images(p)

@@ -186,6 +186,7 @@ def load_module(name: str, precision: str) -> OMSModule:
         dtype,
         borrowed_encoder=None if borrowed is None else (lambda: borrowed),
         borrowed_id="clip input" if borrowed is not None else "",
+        resolved=resolved,
     )
     _download(request, resolved)
     model = provide_model(request, ModelCache(offload_device))

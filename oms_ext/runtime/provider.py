@@ -57,7 +57,9 @@ class ModelRequest:
     model is (re)loaded) and an id naming it for the cache (e.g. the checkpoint's hash);
     None/"" to use the encoder the module names. ``managed``: the host's memory manager moves
     the model to ``device`` (Forge's, which first makes room there): it is loaded on the CPU
-    and the cache never moves it.
+    and the cache never moves it. ``resolved``: ``choice`` already resolved by the host for
+    this generation (it looked at the module to choose the encoder), so the models folders
+    are scanned once; None to resolve it here.
     """
 
     choice: str
@@ -72,6 +74,7 @@ class ModelRequest:
     borrowed_encoder: Callable[[], PromptEncoderLike] | None = None
     borrowed_id: str = ""
     managed: bool = False
+    resolved: ResolvedModule | None = None
 
     @property
     def load_device(self) -> torch.device:
@@ -96,7 +99,9 @@ def provide_model(
     checkpoint), ModuleNotInstalled, DownloadError / DownloadPending, TextEncoderNotFound,
     TextEncoderError, OMSLoadError; their ``reason`` names the module.
     """
-    resolved = resolve_module(request.choice, request.family, list(request.folders))
+    resolved = request.resolved or resolve_module(
+        request.choice, request.family, list(request.folders)
+    )
     source = (
         f"checkpoint:{request.borrowed_id}" if request.borrowed_encoder is not None else "module"
     )

@@ -45,7 +45,7 @@ from oms_ext.runtime.args import (
 from oms_ext.runtime.cache import MODEL_CACHE, ModelCache
 from oms_ext.runtime.download import console
 from oms_ext.runtime.provider import ModelRequest, provide_model
-from oms_ext.runtime.registry import module_name, own_module, resolve_module
+from oms_ext.runtime.registry import ResolvedModule, module_name, own_module, resolve_module
 from oms_ext.runtime.runner import Outcome, run_oms, skipped
 from oms_ext.spaces import UnsupportedModelError
 from oms_ext.text import TextEncoderError
@@ -348,7 +348,11 @@ class OMSController:
         # beside a module on the CPU it shares its precision; away from a GPU module, its own
         text_dtype = dtype if device.type == "cpu" else cpu_text_dtype(settings)
         folders = models_folders(settings, self.host.models_dir, self.host.extension_dir)
-        factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model, args, folders)
+        try:  # once per generation; a choice that does not resolve is provide_model's to report
+            resolved = resolve_module(args.module, family, folders)
+        except OMSUserError:
+            resolved = None
+        factory, borrowed_id = self._borrowed_encoder(settings, family, sd_model, resolved)
         return ModelRequest(
             choice=args.module,
             family=family,
@@ -363,6 +367,7 @@ class OMSController:
             borrowed_id=borrowed_id,
             # Forge's memory manager places the model; "OMS runs on: cpu" never touches VRAM
             managed=self.host.forge_memory is not None and settings.device != "cpu",
+            resolved=resolved,
         )
 
     def _borrowed_encoder(
@@ -370,15 +375,14 @@ class OMSController:
         settings: Settings,
         family: str,
         sd_model: Any,
-        args: OMSArgs | None = None,
-        folders: Sequence[Path] = (),
+        resolved: ResolvedModule | None = None,
     ) -> tuple[Callable[[], Any] | None, str]:
         """The checkpoint's own text encoder to lend the module, if it takes one: a module of
         the user's own trained on it (``python -m oms_ext.train --encoder checkpoint``) always
         reads it; the releases read an SD2.x checkpoint's OpenCLIP encoder (no second copy in
         memory) when the setting allows."""
         checkpoint_id = _checkpoint_id(sd_model)
-        own = args and self._module_reading_checkpoint_encoder(args, family, folders)
+        own = _reads_checkpoint_encoder(resolved)
         if own:
             if self.host.kind == "forge":
                 encoder = forge.checkpoint_text_encoder(sd_model, family)
@@ -407,22 +411,18 @@ class OMSController:
         device = torch.device(self.host.device)
         return (lambda: wrap_openclip_tower(tower, compute_device=lambda: device)), checkpoint_id
 
-    @staticmethod
-    def _module_reading_checkpoint_encoder(
-        args: OMSArgs, family: str, folders: Sequence[Path]
-    ) -> str | None:
-        """The name of the module ``args`` choose when it is one of the user's own that reads
-        the checkpoint's own text encoder, else None (errors in the choice are
-        provide_model's to report)."""
-        try:
-            resolved = resolve_module(args.module, family, folders)
-        except OMSUserError:
-            return None
-        own = own_module(resolved.path) if resolved.present and resolved.known is None else None
-        return resolved.name if own is not None and own.borrows_encoder else None
-
     def _a1111_low_vram(self, family: str) -> bool:
         return a1111.low_vram(self.host.cmd_opts, family)
+
+
+def _reads_checkpoint_encoder(resolved: ResolvedModule | None) -> str | None:
+    """The name of ``resolved`` when it is one of the user's own modules that reads the
+    checkpoint's own text encoder (``python -m oms_ext.train --encoder checkpoint``), else
+    None."""
+    if resolved is None or not resolved.present or resolved.known is not None:
+        return None
+    own = own_module(resolved.path)
+    return resolved.name if own is not None and own.borrows_encoder else None
 
 
 def _checkpoint_id(sd_model: Any) -> str:
