@@ -80,6 +80,7 @@ from oms_ext.precision import cpu_bf16_is_fast  # noqa: E402
 from oms_ext.prompt_syntax import as_weighted  # noqa: E402
 from oms_ext.step import oms_start  # noqa: E402
 from oms_ext.text import _openclip_bpe_path, write_openclip_tokenizer_files  # noqa: E402
+from oms_ext.train.encoders import CLIP_L_CONFIG  # noqa: E402
 from oms_ext.unet import OMSUNet, count_parameters, packaged_config  # noqa: E402
 
 CONFIGS = ROOT / "oms_ext" / "configs"
@@ -583,15 +584,6 @@ def bench_accuracy(report: list[str]) -> None:
 
 
 #: SD1.5's text encoder (openai/clip-vit-large-patch14 text tower, as in SD1.5's folder).
-SD15_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
 STEP, DECODE, ENCODE = "SD1.5 UNet step, batch 2", "SD VAE decode 512x512", "SD1.5 text encoder x2"
 
 
@@ -603,7 +595,7 @@ def bench_e2e(models: dict[torch.dtype, OMSModel], rounds: int, report: list[str
     base = random_model(lambda: UNet2DConditionModel(**SD15_UNET), seed=1)
     vae = random_model(lambda: AutoencoderKL(**SD_VAE), seed=2)
     torch.manual_seed(3)
-    clip = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval().requires_grad_(False)
+    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(7)
     x_base = torch.randn(2, 4, 64, 64, generator=gen)
     ctx_base = torch.randn(2, 77, 768, generator=gen)

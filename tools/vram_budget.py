@@ -14,6 +14,7 @@ a GPU or the real weights (random weights of the real shapes).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,16 +27,11 @@ from oms_ext.unet import OMSUNet, UNetConfig, packaged_config
 
 #: Latent sizes of the images OMS starts (VAE downsampling 8); SD1.x, SD2.x and SDXL alike.
 IMAGES = (("512x512", 64), ("1024x1024", 128))
-#: SD 2.1's ViT-H text encoder, 23 layers as OMS reads it.
-VIT_H = {
-    "vocab_size": 49408,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 23,
-    "num_attention_heads": 16,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-}
+#: SD 2.1's ViT-H text encoder, 23 layers as OMS reads it (the config the package ships).
+VIT_H: dict = json.loads(
+    (Path(__file__).resolve().parents[1] / "oms_ext" / "configs" / "sd21_text_encoder.config.json")
+    .read_text()
+)
 MIB = 2**20
 
 
@@ -51,7 +47,7 @@ def module_and_encoder_bytes() -> tuple[int, int]:
 
     with torch.device("meta"):
         unet = OMSUNet(UNetConfig.from_dict(packaged_config("oms_b_openclip_15_21")))
-        encoder = CLIPTextModel(CLIPTextConfig(**VIT_H))
+        encoder = CLIPTextModel(CLIPTextConfig.from_dict(VIT_H))
     return parameter_bytes(unet), parameter_bytes(encoder)
 
 
