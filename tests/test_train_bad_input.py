@@ -199,3 +199,13 @@ def test_not_enough_memory_for_the_latents(tmp_path: Path, vae: Path, capsys, mo
     assert _run(tmp_path, data, vae) == 2
     _one_line_error(capsys, "not enough memory for the latents of 2 images", "MB available")
     _nothing_written(tmp_path)
+
+
+def test_fp16_mixed_precision_on_the_cpu_is_refused_before_any_work(
+    tmp_path: Path, vae: Path, capsys
+) -> None:
+    """accelerate would quietly train in fp32 there."""
+    data = write_images(tmp_path / "data", CAPTIONS)
+    assert _run(tmp_path, data, vae, "--mixed-precision", "fp16") == 2
+    _one_line_error(capsys, "--mixed-precision fp16 needs a GPU", "bf16")
+    _nothing_written(tmp_path)

@@ -90,6 +90,11 @@ class TrainSettings:
                 f"--mixed-precision: use one of {', '.join(MIXED_PRECISION)}",
             ),
             (
+                self.mixed_precision != "fp16" or (not self.cpu and gpu_available()),
+                "--mixed-precision fp16 needs a GPU (accelerate trains in fp32 on the CPU "
+                "without saying so); on the CPU use bf16 or no",
+            ),
+            (
                 self.resolution >= 8 and self.resolution % 8 == 0,
                 "--resolution must be a positive multiple of 8 pixels",
             ),
@@ -188,6 +193,17 @@ class _Order:
         return int(self.order[position % self.count])
 
 
+def gpu_available() -> bool:
+    """Whether accelerate will train on a GPU (CUDA/ROCm, Intel XPU or Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
+
+
 def _accelerator(settings: TrainSettings) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -256,6 +272,12 @@ def train(
             f"{len(examples)} images, {settings.steps} steps of {settings.batch_size} "
             f"({world} process(es) x {local} x {settings.grad_accum} accumulation)"
         )
+
+    def save(at: int) -> Path:
+        return _save(
+            accelerator, model, optimizer, at, fingerprint, checkpoints, settings.keep_checkpoints
+        )
+
     bar = _progress(settings, start, enabled=main and settings.progress)
     step, loss_value, saved = start, math.nan, None
     try:
@@ -277,15 +299,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
-                saved = _save(
-                    accelerator,
-                    model,
-                    optimizer,
-                    step,
-                    fingerprint,
-                    checkpoints,
-                    settings.keep_checkpoints,
-                )
+                saved = save(step)
             if settings.preview_every and step % settings.preview_every == 0 and main:
                 write_preview(accelerator.unwrap_model(model), encoder, settings, step, family)
             if after_step is not None:
@@ -293,15 +307,7 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         if step > start:
-            saved = _save(
-                accelerator,
-                model,
-                optimizer,
-                step,
-                fingerprint,
-                checkpoints,
-                settings.keep_checkpoints,
-            )
+            saved = save(step)
             accelerator.print(
                 f"\nInterrupted after step {step}: checkpoint {saved}; continue with --resume "
                 f"{saved}"
@@ -309,9 +315,7 @@ def train(
         raise
     bar.close()
     if step > start and settings.save_every:
-        saved = _save(
-            accelerator, model, optimizer, step, fingerprint, checkpoints, settings.keep_checkpoints
-        )
+        saved = save(step)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     return TrainResult(unwrapped.eval().requires_grad_(False), step, loss_value, saved)
