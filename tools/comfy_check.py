@@ -14,6 +14,13 @@ KSamplerAdvanced start_at_step, v-prediction and LCM model-sampling patches, a b
 batch_index, it checks x == x0_hat + s0 * noise (x0_hat recomputed here with the core API,
 the noise with ComfyUI's prepare_noise rule), and ComfyUI's own noise scaling with OMS off,
 add_noise off and zsnr. Then one full image and the OMS preview through /prompt.
+
+With ``--own-module NAME --checkpoint FILE`` it checks instead a module of the user's own
+trained on that checkpoint's text encoder (``python -m oms_ext.train --encoder checkpoint``,
+copied into models/oms; FILE in models/checkpoints, SD1.x, SD2.x or SDXL): the checkpoint's
+CLIP goes to Apply's clip input, and x0_hat is recomputed with the trainer's reading of the
+checkpoint file's encoder, so the start proves ComfyUI lends the text states the module was
+trained on.
 Prints one line per failure and a closing "N passed, N failed" line; exits 1 on a failure.
 """
 
@@ -131,6 +138,10 @@ def post(url: str, prompt: dict) -> dict:
 def workflow(
     label: str,
     *,
+    ckpt=CKPT,
+    module=MODULE,
+    clip=False,
+    size=64,
     sampler="euler",
     scheduler="normal",
     steps=4,
@@ -147,14 +158,14 @@ def workflow(
     """An API-format workflow: checkpoint -> [ModelSamplingDiscrete] -> [OMS Apply] ->
     recorder -> KSampler or KSamplerAdvanced -> SaveLatent (or the full image and preview)."""
     wf = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {
             "class_type": "EmptyLatentImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": batch},
+            "inputs": {"width": size, "height": size, "batch_size": batch},
         },
-        "5": {"class_type": "OneMoreStepLoader", "inputs": {"module": MODULE, "precision": "fp32"}},
+        "5": {"class_type": "OneMoreStepLoader", "inputs": {"module": module, "precision": "fp32"}},
     }
     model = ["1", 0]
     if patch is not None:
@@ -188,6 +199,8 @@ def workflow(
                 "noise_mode": "Keep seed noise",
             },
         }
+        if clip:
+            wf["6"]["inputs"]["clip"] = ["1", 1]
         model = ["6", 0]
     applied = model
     if record:
@@ -258,13 +271,76 @@ def comfy_scaling(noise: torch.Tensor, sigma0: float, sigma_max: float) -> torch
     return noise * (math.sqrt(1 + sigma0**2) if at_max else sigma0)
 
 
+def recorded_start(record: Path, label: str, batch: int) -> tuple[torch.Tensor, float] | None:
+    """The x and sigma the recorder node saved for ``label``, or None."""
+    from safetensors.torch import load_file
+
+    path = record / f"{label}.safetensors"
+    if not path.exists():
+        return None
+    rec = load_file(str(path))
+    return rec["x"][:batch], float(rec["sigma"][0])
+
+
+def check_own_module(args: argparse.Namespace) -> int:
+    """The start of a few samplers with a module of the user's own reading the checkpoint's
+    CLIP through Apply, against x0_hat from the trainer's encoder of the checkpoint file."""
+    from oms_ext.train.checkpoint import open_checkpoint
+    from oms_ext.train.encoders import choose_encoder
+
+    checkpoint = open_checkpoint(args.comfyui / "models" / "checkpoints" / args.checkpoint)
+    encoder = choose_encoder("checkpoint", checkpoint, None, torch.float32).encoder
+    module = load_oms(args.comfyui / "models" / "oms" / args.own_module, "cpu", torch.float32,
+                      text_encoder=encoder)  # fmt: skip
+    size, seed = 128, 7
+    shape = (1, 4, size // 8, size // 8)
+    noise = prepare_noise(shape, seed)
+    x0_hat = module.predict_x0(noise, PROMPT, CFG, NEGATIVE)
+    # Tight enough that another prompt's text states miss it (the control below).
+    control = module.predict_x0(noise, "a bright day", CFG, NEGATIVE)
+    passed, failed = 0, []
+    cases = (("euler", "normal"), ("dpmpp_2m", "karras"), ("ddim", "ddim_uniform"))
+    for sampler, scheduler in cases:
+        label = f"own-{sampler}-{scheduler}"
+        (args.record / f"{label}.safetensors").unlink(missing_ok=True)
+        flow = workflow(label, ckpt=args.checkpoint, module=args.own_module, clip=True,
+                        size=size, sampler=sampler, scheduler=scheduler, seed=seed)  # fmt: skip
+        post(args.url, flow)
+        got = recorded_start(args.record, label, 1)
+        if got is None:
+            failed.append(f"{label}: no first model call was recorded")
+            continue
+        x, sigma0 = got
+        want = x0_hat + sigma0 * noise
+        tolerance = 1e-5 * max(1.0, float(want.abs().max()))  # fp32 rounding of x
+        err = float((x - want).abs().max())
+        miss = float((x - control - sigma0 * noise).abs().max())
+        line = f"{label}: sigma0 {sigma0:.4f}, max |x - expected| = {err:.3g}"
+        if err > tolerance or miss <= tolerance:
+            failed.append(f"{line}, another prompt's: {miss:.3g} (tolerance {tolerance:.3g})")
+        else:
+            passed += 1
+            print(f"PASS {line} (another prompt's: {miss:.3g}, tolerance {tolerance:.3g})")
+    for line in failed:
+        print(f"FAIL {line}")
+    print(f"{args.own_module} on {args.checkpoint} ({checkpoint.family}): "
+          f"{passed} passed, {len(failed)} failed")  # fmt: skip
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8188")
     parser.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder")
     parser.add_argument("--record", type=Path, required=True, help="OMS_COMFY_RECORD_DIR")
     parser.add_argument("--samplers", default="", help="comma list (default: all of ComfyUI's)")
+    parser.add_argument("--own-module", default="", help="a module trained on --checkpoint")
+    parser.add_argument("--checkpoint", default="", help="its checkpoint, in models/checkpoints")
     args = parser.parse_args()
+    if bool(args.own_module) != bool(args.checkpoint):
+        parser.error("--own-module and --checkpoint go together")
+    if args.own_module:
+        return check_own_module(args)
     build_files(args.comfyui)
     with urllib.request.urlopen(f"{args.url}/system_stats", timeout=30) as r:
         version = json.load(r)["system"]["comfyui_version"]
@@ -304,13 +380,11 @@ def main() -> int:
                 **kw,
             ),
         )
-        if not path.exists():
+        got = recorded_start(args.record, label, shape[0])
+        if got is None:
             failed.append(f"{label}: no first model call was recorded")
             return
-        from safetensors.torch import load_file
-
-        rec = load_file(str(path))
-        x, sigma0 = rec["x"][: shape[0]], float(rec["sigma"][0])
+        x, sigma0 = got
         noise = torch.zeros(shape) if zero else prepare_noise(shape, seed, batch_index)
         if oms if applies is None else applies:
             key = (shape, seed, tuple(batch_index or ()))
