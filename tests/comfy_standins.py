@@ -538,7 +538,8 @@ def install(monkeypatch: Any, base: Path) -> Comfy:
 
 def sd_model(kind: str = "eps", zsnr: bool = False, latent_format: Any = None) -> ModelPatcher:
     """A MODEL as CheckpointLoaderSimple gives it: a ModelPatcher whose model has a
-    model_sampling (build_model_sampling) and a latent_format (SD15 unless given)."""
+    model_sampling (build_model_sampling) and a latent_format (SD15 unless given: SD1.x and
+    SD2.x models alike, comfy/supported_models.py SD15/SD20 ``latent_format``)."""
     model = SimpleNamespace(
         model_sampling=build_model_sampling(kind, zsnr),
         latent_format=latent_format if latent_format is not None else SD15(),

@@ -496,3 +496,21 @@ def test_a_module_of_your_own_reads_the_checkpoints_clip_and_needs_it(comfy, nod
     )
     want = borrowed.predict_x0(noise, PROMPT, CFG, NEGATIVE) + sigma0 * noise
     torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_module_of_your_own_trained_on_an_sd2_checkpoint_applies_to_sd2_models(comfy, nodes):
+    """ComfyUI gives SD2.x models SD1.x's latent format, so a module that learnt an SD2.x
+    checkpoint's latents (and reads its ViT-H) must not be skipped as made for other latents."""
+    from oms_ext.comfy.clip import ClipTextEncoder
+    from oms_ext.loading import OMSModel
+
+    wi.install_own_module(Path(comfy.folder_paths.models_dir) / "oms", "mine2", "sd2")
+    mine = nodes.OneMoreStepLoader().load("mine2", "auto")[0]
+    assert mine.families == ("sd2",)
+    x, sigma0, noise = first_x(applied(nodes, cs.sd_model(), mine, clip=FakeClip()))
+    encoder = ClipTextEncoder(FakeClip())
+    borrowed = OMSModel(
+        mine.model.unet, encoder, mine.model.config, mine.path, owns_text_encoder=False
+    )
+    want = borrowed.predict_x0(noise, PROMPT, CFG, NEGATIVE) + sigma0 * noise
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)

@@ -43,7 +43,11 @@ log = logging.getLogger("one_more_step")
 #: Key of the OMS wrapper on the MODEL; a second Apply node replaces it.
 WRAPPER_KEY = "one_more_step"
 #: ComfyUI latent formats (comfy/latent_formats.py class names) and the OMS latent family.
+#: SD2.x models have SD1.x's latent format too (comfy/supported_models.py SD20), so ComfyUI
+#: tells the two apart by nothing OMS reads: both are "sd1" here.
 LATENT_FAMILIES = {"SD15": "sd1", "SDXL": "sdxl"}
+#: The latent family of each checkpoint family a module names.
+LATENT_FAMILY_OF = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
 FAMILY_NAMES = {"sd1": "SD1.x/SD2.x", "sd2": "SD1.x/SD2.x", "sdxl": "SDXL"}
 
 
@@ -136,7 +140,7 @@ def check_family(family: str | None, module_families: tuple[str, ...] | None) ->
     """The latent family, or :class:`Skip` when it is none OMS knows or not the module's."""
     if family is None:
         raise Skip("the model's latent space is not SD1.x/SD2.x or SDXL")
-    if module_families is not None and family not in module_families:
+    if module_families is not None and family not in {LATENT_FAMILY_OF[f] for f in module_families}:
         wanted = " or ".join(dict.fromkeys(FAMILY_NAMES[f] for f in module_families))
         raise Skip(
             f"the OMS module is made for {wanted} latents, the model is {FAMILY_NAMES[family]}"
