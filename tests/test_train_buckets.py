@@ -211,3 +211,14 @@ def test_cli_caches_each_image_at_its_bucket_and_says_so(tmp_path: Path, capsys)
     assert main(args) == 0  # square crops: other cache entries
     out = capsys.readouterr().out
     assert "Latents: 5 encoded, 0 from the cache" in out and "buckets" not in out
+
+
+def test_buckets_are_off_unless_asked_for_by_flag_or_config_file(tmp_path: Path) -> None:
+    from oms_ext.train.cli import resolve_options
+
+    base = ["--data", "imgs", "--output-dir", "out"]
+    assert resolve_options(base)["buckets"] is False
+    assert resolve_options([*base, "--buckets"])["buckets"] is True
+    config = tmp_path / "train.toml"
+    config.write_text("buckets = true\n")
+    assert resolve_options([*base, "--config", str(config)])["buckets"] is True
