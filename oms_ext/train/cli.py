@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from oms_ext.errors import OMSUserError
-from oms_ext.train.errors import TrainError
+from oms_ext.train.errors import TrainError, TrainingInterrupted
 from oms_ext.train.presets import PRESETS
 
 EXIT_USER_ERROR = 2
@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "mixed_precision": "no",
     "seed": 0,
     "resolution": None,
+    "buckets": False,
     "min_image_size": None,
     "require_captions": False,
     "caption_column": "text",
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         help="training size in pixels, short side " "(default 512, SDXL 1024)",
+    )
+    p.add_argument(
+        "--buckets",
+        action="store_true",
+        help="aspect-ratio buckets: each image is trained at the 64 px grid size of about "
+        "the resolution's area nearest its shape (1:2 .. 2:1), not as a square crop",
     )
     p.add_argument(
         "--min-image-size",
@@ -257,6 +264,7 @@ def run(argv: Sequence[str]) -> Path:
         preview_every=int(o["preview_every"]),
         preview_prompts=list(o["preview_prompts"] or []),
         cpu=bool(o["cpu"]),
+        buckets=bool(o["buckets"]),
     )
     settings.check()  # before any slow work
     resume = o["resume"]
@@ -267,7 +275,8 @@ def run(argv: Sequence[str]) -> Path:
     config = module_config(str(o["size"]), choice.encoder.hidden_size)
     _check_output_disk(Path(o["output_dir"]), config, o)
     check_memory(len(scan.examples), resolution)
-    report = _cached_latents(state, o, scan.examples, checkpoint, resolution)
+    buckets = _plan_buckets(settings, scan.examples, o, say) if settings.buckets else None
+    report = _cached_latents(state, o, scan.examples, checkpoint, resolution, buckets)
     skipped = report.unreadable + report.tiny
     say(
         f"Latents: {report.encoded} encoded, {len(report.examples) - report.encoded} from the "
@@ -295,6 +304,7 @@ def run(argv: Sequence[str]) -> Path:
         "steps": result.step,
         "images": len(report.examples),
         "resolution": resolution,
+        "buckets": settings.buckets,
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
         "caption_dropout": settings.caption_dropout,
@@ -312,6 +322,26 @@ def run(argv: Sequence[str]) -> Path:
     return out
 
 
+def _min_size(o: dict[str, Any], resolution: int) -> int:
+    return int(o["min_image_size"] or resolution // 2)
+
+
+def _plan_buckets(settings: Any, examples: list, o: dict[str, Any], say: Any) -> list:
+    """The bucket of each image (from the image headers), saying which small buckets were
+    merged into a neighbour."""
+    from oms_ext.train.buckets import image_size, plan_buckets
+
+    sizes = [image_size(e.path) for e in examples]
+    resolution = settings.resolution
+    plan = plan_buckets(sizes, resolution, settings.batch_size, _min_size(o, resolution))
+    for count, small, into in plan.merged:
+        say(
+            f"buckets: {count} image(s) of {small[0]}x{small[1]} trained in {into[0]}x{into[1]} "
+            f"(fewer than the {settings.batch_size} of a step)"
+        )
+    return plan.buckets
+
+
 def _check_output_disk(output_dir: Path, config: dict[str, Any], o: dict[str, Any]) -> None:
     """Before training: room for the module and its checkpoints (fp32 weights + AdamW's two
     moments each, as many as are kept)."""
@@ -325,10 +355,15 @@ def _check_output_disk(output_dir: Path, config: dict[str, Any], o: dict[str, An
 
 
 def _cached_latents(
-    state: Any, o: dict[str, Any], examples: list, checkpoint: Any, resolution: int
+    state: Any,
+    o: dict[str, Any],
+    examples: list,
+    checkpoint: Any,
+    resolution: int,
+    buckets: list | None,
 ) -> Any:
-    """Latents of ``examples`` through the cache; the main process encodes what is missing
-    while the others wait, then they read the cache."""
+    """Latents of ``examples`` (with ``buckets``: each at its bucket's size) through the cache;
+    the main process encodes what is missing while the others wait, then they read it."""
     from tqdm.auto import tqdm
 
     from oms_ext.train.checkpoint import SCALING_FACTORS, encode_images, load_vae, vae_identity
@@ -348,18 +383,23 @@ def _cached_latents(
             vae_id=vae_identity(vae, scale, vae_dtype),
             cache_dir=cache_dir,
             resolution=resolution,
-            min_size=int(o["min_image_size"] or resolution // 2),
+            min_size=_min_size(o, resolution),
+            buckets=buckets,
             progress=bar.update,
         )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: one line and exit status 2 for a user's mistake, 130 on Ctrl-C."""
+    """Entry point: one line and exit status 2 for a user's mistake; on Ctrl-C no traceback,
+    exit status 130 (the trainer has said which checkpoint to resume from, if any)."""
     try:
         run(sys.argv[1:] if argv is None else argv)
     except OMSUserError as e:
         print(f"oms_ext.train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted:
+        return EXIT_INTERRUPTED  # the trainer has said where its checkpoint is
     except KeyboardInterrupt:
+        print("oms_ext.train: interrupted before training started", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

@@ -8,8 +8,10 @@ A data folder is read the way the community's trainers read one:
   the ``.txt`` file of the same stem beside it (kohya-ss sd-scripts, OneTrainer).
 
 Images are resized so that the short side equals the training resolution (the long side keeps
-the aspect ratio, rounded to a multiple of 8 pixels); the random square crop and the random
-flip happen per step on the cached latents (:mod:`oms_ext.train.dataset`).
+the aspect ratio, rounded to a multiple of 8 pixels), or with ``--buckets`` so that they cover
+their aspect-ratio bucket (:mod:`oms_ext.train.buckets`); the random crop (square, or the
+bucket's size) and the random flip happen per step on the cached latents
+(:mod:`oms_ext.train.latents`).
 """
 
 from __future__ import annotations
@@ -141,9 +143,23 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return (resolution, side(height)) if width <= height else (side(width), resolution)
 
 
-def load_image(path: Path, resolution: int, min_size: int) -> torch.Tensor | None:
+def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) px to resize a width x height image to: the smallest scale that covers
+    ``bucket``, each side rounded to a multiple of 8 px and never below the bucket's."""
+    scale = max(bucket[0] / width, bucket[1] / height)
+
+    def side(n: int, least: int) -> int:
+        return max(least, round(n * scale / VAE_STRIDE) * VAE_STRIDE)
+
+    return side(width, bucket[0]), side(height, bucket[1])
+
+
+def load_image(
+    path: Path, resolution: int, min_size: int, bucket: tuple[int, int] | None = None
+) -> torch.Tensor | None:
     """The image as float32 [3, H, W] in [-1, 1], resized (bicubic, antialiased) so its short
-    side is ``resolution``; None when it cannot be decoded or its short side is under
+    side is ``resolution``, or with a ``bucket`` (width, height) px so that it covers the
+    bucket (:func:`cover_size`); None when it cannot be decoded or its short side is under
     ``min_size`` pixels (the caller counts those)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -154,7 +170,10 @@ def load_image(path: Path, resolution: int, min_size: int) -> torch.Tensor | Non
         return None
     if min(image.size) < min_size:
         return None
-    width, height = resized_size(*image.size, resolution)
+    if bucket is None:
+        width, height = resized_size(*image.size, resolution)
+    else:
+        width, height = cover_size(*image.size, bucket)
     image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(height, width, 3).permute(2, 0, 1).float()

@@ -1,15 +1,17 @@
 """Cached VAE latents and the per-step sampling of training examples.
 
-Each image is encoded once, at the training resolution (short side) and mirrored, and the two
-latents are stored in a safetensors file named by a digest of the image file (name, size,
-modification time), the VAE's identity (:func:`oms_ext.train.checkpoint.vae_identity`) and the
-resolution: changing any of them makes a new entry, so a cache folder can be shared by runs
-and data sets. Per step, each example takes a random square crop of ``resolution / 8`` latent
-cells (the paper's random crop, on the 8-pixel grid of the latents) of the plain or the
-mirrored latent (random flip).
+Each image is encoded once, at the training resolution (short side; with ``--buckets`` the size
+covering its bucket) and mirrored, and the two latents are stored in a safetensors file named
+by a digest of the image file (name, size, modification time), the VAE's identity
+(:func:`oms_ext.train.checkpoint.vae_identity`), the resolution and the bucket: changing any of
+them makes a new entry, so a cache folder can be shared by runs and data sets. Per step, each
+example takes a random crop of the plain or the mirrored latent (random flip): a square of
+``resolution / 8`` latent cells, or its bucket's size (the paper's random crop, on the 8-pixel
+grid of the latents).
 
 Randomness is a pure function of (seed, position in the stream of examples): the data order of
-each epoch is a permutation drawn from (seed, epoch), and the crop, flip, caption dropout and
+each epoch is a permutation drawn from (seed, epoch) (with buckets see
+:class:`oms_ext.train.buckets.BucketSchedule`), and the crop, flip, caption dropout and
 noise x_S of every example come from a generator seeded with (seed, position). A run resumed
 from a checkpoint, or split over any number of processes, sees exactly the same examples.
 """
@@ -28,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from oms_ext.train.buckets import Bucket
 from oms_ext.train.data import VAE_STRIDE, Example, load_image
 from oms_ext.train.errors import TrainError
 
@@ -39,11 +42,20 @@ DISK_HEADROOM = 1.2
 @dataclass(frozen=True)
 class LatentExample:
     """A cached example: latent [4, h, w] of the resized image and of its mirror image (kept in
-    the cache's float16 to halve the memory of large sets; any float dtype), the caption."""
+    the cache's float16 to halve the memory of large sets; any float dtype), the caption, and
+    with ``--buckets`` its bucket (width, height) px, the size of its crops."""
 
     latent: torch.Tensor
     flipped: torch.Tensor
     caption: str
+    bucket: Bucket | None = None
+
+    def crop_cells(self, square: int) -> tuple[int, int]:
+        """(height, width) in latent cells of this example's crops: its bucket's, else
+        ``square`` x ``square``."""
+        if self.bucket is None:
+            return square, square
+        return self.bucket[1] // VAE_STRIDE, self.bucket[0] // VAE_STRIDE
 
 
 @dataclass(frozen=True)
@@ -56,10 +68,13 @@ class CacheReport:
     tiny: int
 
 
-def cache_key(image: Path, vae_id: str, resolution: int) -> str:
-    """Digest naming an image's cache entry (changes with the file, the VAE or the size)."""
+def cache_key(image: Path, vae_id: str, resolution: int, bucket: Bucket | None = None) -> str:
+    """Digest naming an image's cache entry (changes with the file, the VAE, the size or the
+    bucket; without a bucket the key of the square-crop runs)."""
     stat = image.stat()
     text = f"{image.name}|{stat.st_size}|{stat.st_mtime_ns}|{vae_id}|{resolution}"
+    if bucket is not None:
+        text += f"|bucket {bucket[0]}x{bucket[1]}"
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -127,15 +142,21 @@ def cache_latents(
     cache_dir: Path,
     resolution: int,
     min_size: int,
+    buckets: Sequence[Bucket] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CacheReport:
     """The latents of ``examples``, read from ``cache_dir`` or encoded with ``encode``
-    (images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]) and stored.
+    (images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8]) and stored; with
+    ``buckets`` (one per example) each image at the size covering its bucket.
 
     Undecodable images and images whose short side is under ``min_size`` px are skipped and
     counted; nothing is written for them.
     """
-    entries = [_entry(cache_dir, cache_key(e.path, vae_id, resolution)) for e in examples]
+    targets = list(buckets) if buckets is not None else [None] * len(examples)
+    entries = [
+        _entry(cache_dir, cache_key(e.path, vae_id, resolution, b))
+        for e, b in zip(examples, targets, strict=True)
+    ]
     missing = sum(not entry.is_file() for entry in entries)
     if missing:
         # plain + mirrored latents of 4 channels, the long side taken as twice the short one
@@ -147,10 +168,10 @@ def cache_latents(
         )
     kept: list[LatentExample] = []
     encoded = unreadable = tiny = 0
-    for example, entry in zip(examples, entries, strict=True):
+    for example, entry, bucket in zip(examples, entries, targets, strict=True):
         cached = _read_entry(entry)
         if cached is None:
-            pixels = load_image(example.path, resolution, min_size)
+            pixels = load_image(example.path, resolution, min_size, bucket)
             if pixels is None:
                 if _decodable(example.path):
                     tiny += 1
@@ -167,7 +188,7 @@ def cache_latents(
             except OSError as e:
                 raise TrainError(f"cannot write the latent cache in {cache_dir} ({e})") from e
             encoded += 1
-        kept.append(LatentExample(cached[0], cached[1], example.caption))
+        kept.append(LatentExample(cached[0], cached[1], example.caption, bucket))
         if progress:
             progress(1)
     return CacheReport(kept, encoded, unreadable, tiny)
@@ -216,28 +237,37 @@ class Sample:
 
 
 def draw_sample(
-    example: LatentExample, generator: torch.Generator, size: int, caption_dropout: float
+    example: LatentExample,
+    generator: torch.Generator,
+    crop: tuple[int, int],
+    caption_dropout: float,
 ) -> Sample:
-    """Crop (``size`` x ``size`` latent cells, random offset), flip, drop the caption with
-    probability ``caption_dropout`` and draw x_S ~ N(0, I), all from ``generator``."""
+    """Crop (``crop`` = (height, width) latent cells, random offset), flip, drop the caption
+    with probability ``caption_dropout`` and draw x_S ~ N(0, I), all from ``generator``."""
     flip = bool(torch.rand((), generator=generator) < 0.5)
     latent = example.flipped if flip else example.latent
     _, h, w = latent.shape
-    top = int(torch.randint(0, h - size + 1, (), generator=generator))
-    left = int(torch.randint(0, w - size + 1, (), generator=generator))
-    x0 = latent[:, top : top + size, left : left + size].float()
+    height, width = crop
+    top = int(torch.randint(0, h - height + 1, (), generator=generator))
+    left = int(torch.randint(0, w - width + 1, (), generator=generator))
+    x0 = latent[:, top : top + height, left : left + width].float()
     dropped = bool(torch.rand((), generator=generator) < caption_dropout)
     noise = torch.randn(x0.shape, generator=generator)
     return Sample(noise, -x0, "" if dropped else example.caption)
 
 
-def check_examples(examples: Sequence[LatentExample], size: int) -> None:
-    """Every latent must cover a ``size`` x ``size`` crop (raise :class:`TrainError`)."""
+def check_examples(examples: Sequence[LatentExample], size: int, *, buckets: bool) -> None:
+    """Every latent must cover its crop, ``size`` x ``size`` cells or with ``buckets`` its
+    bucket's, and with ``buckets`` every example must have one (raise :class:`TrainError`)."""
     if not examples:
         raise TrainError("no usable training images are left (all were skipped)")
     for example in examples:
-        if min(example.latent.shape[-2:]) < size:
+        if buckets and example.bucket is None:
+            raise TrainError("--buckets: an example has no bucket (cache it with its bucket)")
+        height, width = example.crop_cells(size) if buckets else (size, size)
+        h, w = example.latent.shape[-2:]
+        if h < height or w < width:
             raise TrainError(
-                f"a latent of {tuple(example.latent.shape[-2:])} cells is smaller than the "
-                f"{size}x{size} crop; check --resolution"
+                f"a latent of {(h, w)} cells is smaller than the {height}x{width} crop; check "
+                f"--resolution"
             )

@@ -8,8 +8,9 @@ given the caption. AdamW (0.9, 0.999), weight decay 0.01, constant learning rate
 the processes and the ``grad_accum`` micro-steps; every example's randomness depends only on
 its position in the run (:mod:`oms_ext.train.latents`), so one process and several give the
 same steps, and a resumed run continues exactly as an uninterrupted one (on the CPU, bit for
-bit). Checkpoints are single safetensors files (module, AdamW state, RNG states, step, data
-fingerprint; never pickles).
+bit). With ``buckets`` every step takes its global batch from one aspect-ratio bucket
+(:mod:`oms_ext.train.buckets`), the same in every process. Checkpoints are single safetensors
+files (module, AdamW state, RNG states, step, data fingerprint; never pickles).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from oms_ext.train.errors import TrainError
+from oms_ext.train.buckets import BUCKET_STEP, BucketSchedule, describe
+from oms_ext.train.errors import TrainError, TrainingInterrupted
 from oms_ext.train.latents import (
     LatentExample,
     atomic_save,
@@ -71,6 +73,7 @@ class TrainSettings:
     preview_prompts: list[str] = field(default_factory=list)
     cpu: bool = False
     progress: bool = True
+    buckets: bool = False
 
     def check(self) -> None:
         """Raise :class:`TrainError` for values no run can use."""
@@ -103,6 +106,11 @@ class TrainSettings:
                 "--save-every/--preview-every must be >= 0 (0 = never)",
             ),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (
+                not self.buckets or self.resolution % BUCKET_STEP == 0,
+                f"--buckets needs a --resolution that is a multiple of {BUCKET_STEP} px (the "
+                f"buckets' grid), e.g. 512 or 1024",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,8 +121,9 @@ class TrainSettings:
         return self.resolution // 8
 
     def fingerprint(self, model_config: dict[str, Any], data_digest: str) -> dict[str, Any]:
-        """What a resumed run must share with the run it continues."""
-        return {
+        """What a resumed run must share with the run it continues (``buckets`` only when
+        on, so checkpoints of square-crop runs keep their fingerprint)."""
+        fingerprint = {
             "model": model_config,
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -122,6 +131,9 @@ class TrainSettings:
             "caption_dropout": self.caption_dropout,
             "data": data_digest,
         }
+        if self.buckets:
+            fingerprint["buckets"] = True
+        return fingerprint
 
 
 @dataclass(frozen=True)
@@ -135,11 +147,13 @@ class TrainResult:
 
 
 def data_digest(examples: Sequence[LatentExample]) -> str:
-    """A digest of the training set (captions and latents, in order)."""
+    """A digest of the training set (captions, latents and buckets, in order)."""
     digest = hashlib.sha256(str(len(examples)).encode())
     for example in examples:
         digest.update(example.caption.encode())
         digest.update(example.latent.numpy().tobytes())
+        if example.bucket is not None:
+            digest.update(f"{example.bucket[0]}x{example.bucket[1]}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -180,17 +194,22 @@ class TextStates:
 
 
 class _Order:
-    """Example index at a stream position, one permutation per epoch (see latents.py)."""
+    """The example indices of each step without buckets: the stream of examples in one
+    permutation per epoch (see latents.py), ``batch`` of them a step."""
 
-    def __init__(self, seed: int, count: int) -> None:
-        self.seed, self.count = seed, count
+    def __init__(self, seed: int, count: int, batch: int) -> None:
+        self.seed, self.count, self.batch = seed, count, batch
         self.epoch, self.order = -1, torch.empty(0, dtype=torch.long)
 
-    def __call__(self, position: int) -> int:
+    def _at(self, position: int) -> int:
         epoch = position // self.count
         if epoch != self.epoch:
             self.epoch, self.order = epoch, epoch_order(self.seed, epoch, self.count)
         return int(self.order[position % self.count])
+
+    def __call__(self, step: int) -> list[int]:
+        first = step * self.batch
+        return [self._at(p) for p in range(first, first + self.batch)]
 
 
 def gpu_available() -> bool:
@@ -229,11 +248,10 @@ def train(
 
     ``resume``: a checkpoint file of this run to continue from. ``after_step(step)`` runs after
     every optimizer step. Ctrl-C (KeyboardInterrupt) writes a checkpoint of the last finished
-    step, then re-raises.
+    step, says where it is and raises :class:`~oms_ext.train.errors.TrainingInterrupted`.
     """
     settings.check()
-    size = settings.latent_size
-    check_examples(examples, size)
+    check_examples(examples, settings.latent_size, buckets=settings.buckets)
     accelerator = _accelerator(settings)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = settings.batch_size // settings.grad_accum
@@ -263,7 +281,11 @@ def train(
     texts = TextStates(
         encoder, [e.caption for e in examples], TEXT_CACHE_MB, progress=settings.progress
     )
-    order = _Order(settings.seed, len(examples))
+    order: _Order | BucketSchedule
+    if settings.buckets:
+        order = BucketSchedule(settings.seed, [e.bucket for e in examples], settings.batch_size)
+    else:
+        order = _Order(settings.seed, len(examples), settings.batch_size)
     main = accelerator.is_main_process
     checkpoints = settings.output_dir / "checkpoints"
     if main:
@@ -272,6 +294,11 @@ def train(
             f"{len(examples)} images, {settings.steps} steps of {settings.batch_size} "
             f"({world} process(es) x {local} x {settings.grad_accum} accumulation)"
         )
+        if isinstance(order, BucketSchedule):
+            accelerator.print(
+                f"buckets: {describe([e.bucket for e in examples])} "
+                f"({order.steps_per_epoch} steps an epoch, each from one bucket)"
+            )
 
     def save(at: int) -> Path:
         return _save(
@@ -312,7 +339,9 @@ def train(
                 f"\nInterrupted after step {step}: checkpoint {saved}; continue with --resume "
                 f"{saved}"
             )
-        raise
+        else:
+            accelerator.print(f"\nInterrupted before step {step + 1} finished: no checkpoint")
+        raise TrainingInterrupted(step, saved) from None
     bar.close()
     if step > start and settings.save_every:
         saved = save(step)
@@ -340,7 +369,7 @@ def _optimizer_step(
     optimizer: Any,
     texts: TextStates,
     examples: Sequence[LatentExample],
-    order: _Order,
+    order: Callable[[int], list[int]],
     settings: TrainSettings,
     *,
     step: int,
@@ -348,19 +377,19 @@ def _optimizer_step(
     local: int,
     micro: int,
 ) -> float:
-    """One optimizer step over the global batch; returns the batch's mean loss."""
+    """One optimizer step over the global batch ``order(step)``; returns its mean loss.
+    Example j of the batch is at stream position step * batch_size + j: its randomness."""
     total = torch.zeros((), device=accelerator.device)
+    chosen = order(step)
+    square = settings.latent_size
     for k in range(settings.grad_accum):
-        first = step * settings.batch_size + k * micro + rank * local
-        samples = [
-            draw_sample(
-                examples[order(p)],
-                example_generator(settings.seed, p),
-                settings.latent_size,
-                settings.caption_dropout,
-            )
-            for p in range(first, first + local)
-        ]
+        first = k * micro + rank * local
+        samples = []
+        for j in range(first, first + local):
+            example = examples[chosen[j]]
+            crop = example.crop_cells(square) if settings.buckets else (square, square)
+            generator = example_generator(settings.seed, step * settings.batch_size + j)
+            samples.append(draw_sample(example, generator, crop, settings.caption_dropout))
         noise = torch.stack([s.noise for s in samples]).to(accelerator.device)
         target = torch.stack([s.target for s in samples]).to(accelerator.device)
         context = texts([s.caption for s in samples], accelerator.device)
