@@ -52,6 +52,9 @@ _IGNORED_KEYS = frozenset(
         "timestep_post_act",
         "time_cond_proj_dim",
         "subfolder",
+        # diffusers hands it only to the ResnetDownsample/SimpleCrossAttn block types; the four
+        # an OMS module is built from (and the authors' UNet) leave their ResNets unscaled.
+        "resnet_out_scale_factor",
     }
 )
 #: Config keys whose only supported value is the one given here (None = absent is fine too).
@@ -103,7 +106,6 @@ class UNetConfig:
     upcast_attention: bool = False
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    resnet_out_scale_factor: float = 1.0
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
@@ -128,7 +130,6 @@ class UNetConfig:
             upcast_attention=bool(config.get("upcast_attention", False)),
             downsample_padding=_plain_int(config, "downsample_padding", 1),
             mid_block_scale_factor=float(config.get("mid_block_scale_factor", 1.0)),
-            resnet_out_scale_factor=float(config.get("resnet_out_scale_factor", 1.0)),
             conv_in_kernel=_plain_int(config, "conv_in_kernel", 3),
             conv_out_kernel=_plain_int(config, "conv_out_kernel", 3),
         )
@@ -260,9 +261,12 @@ def packaged_config(name: str) -> dict[str, Any]:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice plus a (1x1 conv) shortcut; no time input."""
+    """GroupNorm-SiLU-conv twice plus a (1x1 conv) shortcut, the sum divided by ``out_scale``
+    (the mid block's ``mid_block_scale_factor``; 1 elsewhere); no time input."""
 
-    def __init__(self, cin: int, cout: int, groups: int, eps: float, out_scale: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, groups: int, eps: float, out_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -389,6 +393,20 @@ class _ConvHolder(nn.Module):
         self.conv = conv
 
 
+class Downsample(_ConvHolder):
+    """The 3x3 stride-2 conv ending a down block, [B, C, H, W] -> [B, C, H', W'].
+
+    With ``downsample_padding`` 0 the input first gets one zero row at the bottom and one zero
+    column at the right (as diffusers' ``Downsample2D``), so H' = floor((H - 2) / 2) + 1;
+    otherwise the conv pads all sides by its padding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.padding == (0, 0):
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
 class _Stage(nn.Module):
     """One down or up block: ResNets, optional transformers, optional resampler."""
 
@@ -404,7 +422,7 @@ class _Stage(nn.Module):
         if attentions is not None:
             self.attentions = nn.ModuleList(attentions)
         if resampler is not None:
-            holder = nn.ModuleList([_ConvHolder(resampler)])
+            holder = nn.ModuleList([_ConvHolder(resampler) if up else Downsample(resampler)])
             if up:
                 self.upsamplers = holder
             else:
@@ -453,8 +471,7 @@ class OMSUNet(nn.Module):
         for i, (kind, cout) in enumerate(zip(cfg.down_block_types, chans, strict=True)):
             layers = cfg.layers_per_block[i]
             resnets = [
-                ResnetBlock(cin if j == 0 else cout, cout, groups, eps, cfg.resnet_out_scale_factor)
-                for j in range(layers)
+                ResnetBlock(cin if j == 0 else cout, cout, groups, eps) for j in range(layers)
             ]
             attns = (
                 [
@@ -489,7 +506,6 @@ class OMSUNet(nn.Module):
                     cout,
                     groups,
                     eps,
-                    cfg.resnet_out_scale_factor,
                 )
                 for j in range(layers)
             ]
@@ -540,7 +556,7 @@ class OMSUNet(nn.Module):
                     h = attns[j](h, context)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
-                h = block.downsamplers[0].conv(h)
+                h = block.downsamplers[0](h)
                 skips.append(h)
 
         widen()
@@ -633,7 +649,6 @@ def config_from_state_dict_shapes(
         "upcast_attention",
         "downsample_padding",
         "mid_block_scale_factor",
-        "resnet_out_scale_factor",
     }
     merged = {k: v for k, v in defaults.items() if k in keep}
     mismatch = {
