@@ -139,6 +139,7 @@ def test_transformer_layers_per_block_list_sets_the_depth_per_level() -> None:
         ),
         ("attention_head_dim", [3, 4, 4], "does not divide"),
         ("transformer_layers_per_block", [1, 1], "transformer_layers_per_block"),
+        ("cross_attention_dim", [32, 32, 64], "one text width"),
         ("encoder_hid_dim", 512, "encoder_hid_dim"),
         ("addition_embed_type", "text_time", "addition_embed_type"),
         ("some_new_option", 1, "unknown field"),
@@ -149,6 +150,15 @@ def test_unsupported_config_values_raise_value_error_naming_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         UNetConfig.from_dict({**tiny_config(), field: value})
+
+
+def test_a_module_without_mid_block_has_no_mid_block_weights_and_its_config_is_inferred() -> None:
+    config = {**tiny_config(), "mid_block_type": None}
+    shapes = _meta_shapes(config)
+    assert not any(k.startswith("mid_block.") for k in shapes)
+    inferred = config_from_state_dict_shapes(shapes, {"attention_head_dim": [2, 4, 4]})
+    assert inferred["mid_block_type"] is None
+    assert UNetConfig.from_dict(inferred) == UNetConfig.from_dict(config)
 
 
 def test_time_embedding_fields_of_diffusers_configs_are_ignored() -> None:
@@ -224,6 +234,9 @@ _ATTN3, _PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
         ({"norm_num_groups": 16, "norm_eps": 1e-6, "transformer_layers_per_block": 2}, (7, 5)),
         ({"resnet_out_scale_factor": 2.0}, (19, 13)),
         ({"downsample_padding": 0}, (19, 13)),
+        ({"center_input_sample": True}, (19, 13)),
+        ({"mid_block_type": None, "down_block_types": [_PLAIN, _ATTN3, _PLAIN]}, (19, 13)),
+        ({"cross_attention_dim": [32, 32, 32]}, (19, 13)),
     ],
     ids=[
         "released-options",
@@ -235,6 +248,9 @@ _ATTN3, _PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
         "groups-eps-depth2-7x5",
         "resnet-out-scale-factor",
         "downsample-padding-0",
+        "centred-input",
+        "no-mid-block",
+        "text-width-per-block",
     ],
 )
 def test_matches_diffusers_unet_with_time_projection_zeroed(
