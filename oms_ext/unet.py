@@ -52,12 +52,14 @@ _IGNORED_KEYS = frozenset(
         "timestep_post_act",
         "time_cond_proj_dim",
         "subfolder",
+        # diffusers hands it only to the ResnetDownsample/SimpleCrossAttn block types; the four
+        # an OMS module is built from (and the authors' UNet) leave their ResNets unscaled.
+        "resnet_out_scale_factor",
     }
 )
 #: Config keys whose only supported value is the one given here (None = absent is fine too).
 _FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
-    "center_input_sample": (False,),
     "dropout": (0.0,),
     "dual_cross_attention": (False,),
     "only_cross_attention": (False,),
@@ -86,6 +88,7 @@ class UNetConfig:
 
     ``heads`` is the number of attention heads per down block (the config's
     ``attention_head_dim``); up blocks use the reversed tuples, the mid block the last entry.
+    ``mid_block``: whether there is one (``mid_block_type`` UNetMidBlock2DCrossAttn, not None).
     """
 
     block_out_channels: tuple[int, ...]
@@ -103,9 +106,10 @@ class UNetConfig:
     upcast_attention: bool = False
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    resnet_out_scale_factor: float = 1.0
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    center_input_sample: bool = False
+    mid_block: bool = True
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UNetConfig:
@@ -119,7 +123,7 @@ class UNetConfig:
             layers_per_block=_int_tuple(config, "layers_per_block", n, default=2),
             heads=_int_tuple(config, "attention_head_dim", n, default=8),
             transformer_layers=_int_tuple(config, "transformer_layers_per_block", n, default=1),
-            cross_attention_dim=_plain_int(config, "cross_attention_dim", 1280),
+            cross_attention_dim=_text_width(config),
             in_channels=_plain_int(config, "in_channels", 4),
             out_channels=_plain_int(config, "out_channels", 4),
             norm_num_groups=_plain_int(config, "norm_num_groups", 32),
@@ -128,9 +132,10 @@ class UNetConfig:
             upcast_attention=bool(config.get("upcast_attention", False)),
             downsample_padding=_plain_int(config, "downsample_padding", 1),
             mid_block_scale_factor=float(config.get("mid_block_scale_factor", 1.0)),
-            resnet_out_scale_factor=float(config.get("resnet_out_scale_factor", 1.0)),
             conv_in_kernel=_plain_int(config, "conv_in_kernel", 3),
             conv_out_kernel=_plain_int(config, "conv_out_kernel", 3),
+            center_input_sample=bool(config.get("center_input_sample", False)),
+            mid_block=config.get("mid_block_type", MID_ATTN) is not None,
         )
         cfg.check()
         return cfg
@@ -192,7 +197,7 @@ class UNetConfig:
         d = asdict(self)
         d["attention_head_dim"] = list(d.pop("heads"))
         d["transformer_layers_per_block"] = list(d.pop("transformer_layers"))
-        d["mid_block_type"] = MID_ATTN
+        d["mid_block_type"] = MID_ATTN if d.pop("mid_block") else None
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -212,6 +217,21 @@ def _plain_int(config: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
+def _text_width(config: Mapping[str, Any]) -> int:
+    """``cross_attention_dim``: an integer, or one per down block, all equal (every block
+    attends to the same text states)."""
+    value = config.get("cross_attention_dim", 1280)
+    if isinstance(value, list | tuple):
+        widths = set(value)
+        if len(widths) != 1 or len(value) != len(_required(config, "block_out_channels")):
+            raise ValueError(
+                f"module config: 'cross_attention_dim' must be one text width (an integer, or "
+                f"one equal entry per block), got {value!r}"
+            )
+        value = value[0]
+    return _plain_int({"cross_attention_dim": value}, "cross_attention_dim", 1280)
+
+
 def _int_tuple(config: Mapping[str, Any], key: str, n: int, default: int = 0) -> tuple[int, ...]:
     """An int-or-list config field as one int per block."""
     value = config.get(key, default)
@@ -227,8 +247,10 @@ def _int_tuple(config: Mapping[str, Any], key: str, n: int, default: int = 0) ->
 
 def _reject_unsupported(config: Mapping[str, Any]) -> None:
     mid = config.get("mid_block_type", MID_ATTN)
-    if mid != MID_ATTN:
-        raise ValueError(f"module config: mid_block_type {mid!r} is not supported, only {MID_ATTN}")
+    if mid not in (MID_ATTN, None):
+        raise ValueError(
+            f"module config: mid_block_type {mid!r} is not supported, only {MID_ATTN} or None"
+        )
     for key, allowed in _FIXED_KEYS.items():
         if key in config and config[key] not in allowed:
             raise ValueError(
@@ -260,9 +282,12 @@ def packaged_config(name: str) -> dict[str, Any]:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice plus a (1x1 conv) shortcut; no time input."""
+    """GroupNorm-SiLU-conv twice plus a (1x1 conv) shortcut, the sum divided by ``out_scale``
+    (the mid block's ``mid_block_scale_factor``; 1 elsewhere); no time input."""
 
-    def __init__(self, cin: int, cout: int, groups: int, eps: float, out_scale: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, groups: int, eps: float, out_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -389,6 +414,20 @@ class _ConvHolder(nn.Module):
         self.conv = conv
 
 
+class Downsample(_ConvHolder):
+    """The 3x3 stride-2 conv ending a down block, [B, C, H, W] -> [B, C, H', W'].
+
+    With ``downsample_padding`` 0 the input first gets one zero row at the bottom and one zero
+    column at the right (as diffusers' ``Downsample2D``), so H' = floor((H - 2) / 2) + 1;
+    otherwise the conv pads all sides by its padding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.padding == (0, 0):
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
 class _Stage(nn.Module):
     """One down or up block: ResNets, optional transformers, optional resampler."""
 
@@ -404,7 +443,7 @@ class _Stage(nn.Module):
         if attentions is not None:
             self.attentions = nn.ModuleList(attentions)
         if resampler is not None:
-            holder = nn.ModuleList([_ConvHolder(resampler)])
+            holder = nn.ModuleList([_ConvHolder(resampler) if up else Downsample(resampler)])
             if up:
                 self.upsamplers = holder
             else:
@@ -453,8 +492,7 @@ class OMSUNet(nn.Module):
         for i, (kind, cout) in enumerate(zip(cfg.down_block_types, chans, strict=True)):
             layers = cfg.layers_per_block[i]
             resnets = [
-                ResnetBlock(cin if j == 0 else cout, cout, groups, eps, cfg.resnet_out_scale_factor)
-                for j in range(layers)
+                ResnetBlock(cin if j == 0 else cout, cout, groups, eps) for j in range(layers)
             ]
             attns = (
                 [
@@ -472,7 +510,7 @@ class OMSUNet(nn.Module):
             self.down_blocks.append(_Stage(resnets, attns, down, up=False))
             cin = cout
 
-        self.mid_block = MidBlock(cfg)
+        self.mid_block = MidBlock(cfg) if cfg.mid_block else None
 
         self.up_blocks = nn.ModuleList()
         rev_chans = chans[::-1]
@@ -489,7 +527,6 @@ class OMSUNet(nn.Module):
                     cout,
                     groups,
                     eps,
-                    cfg.resnet_out_scale_factor,
                 )
                 for j in range(layers)
             ]
@@ -521,7 +558,7 @@ class OMSUNet(nn.Module):
                 f"context batch {context.shape[0]} must be a multiple of the latent batch "
                 f"{x.shape[0]}"
             )
-        h = self.conv_in(x)
+        h = self.conv_in(2 * x - 1 if self.cfg.center_input_sample else x)
         skips = [h]
 
         def widen() -> None:
@@ -540,11 +577,12 @@ class OMSUNet(nn.Module):
                     h = attns[j](h, context)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
-                h = block.downsamplers[0].conv(h)
+                h = block.downsamplers[0](h)
                 skips.append(h)
 
         widen()
-        h = self.mid_block(h, context)
+        if self.mid_block is not None:
+            h = self.mid_block(h, context)
 
         for block in self.up_blocks:
             attns = getattr(block, "attentions", None)
@@ -610,7 +648,7 @@ def config_from_state_dict_shapes(
         "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
         "down_block_types": down_types,
         "up_block_types": up_types,
-        "mid_block_type": MID_ATTN,
+        "mid_block_type": MID_ATTN if any(k.startswith("mid_block.") for k in shapes) else None,
         "cross_attention_dim": int(k_shapes[0][1]),
         "transformer_layers_per_block": tlayers[0] if len(set(tlayers)) == 1 else tlayers,
         "use_linear_projection": len(proj_in) == 2,
@@ -633,7 +671,6 @@ def config_from_state_dict_shapes(
         "upcast_attention",
         "downsample_padding",
         "mid_block_scale_factor",
-        "resnet_out_scale_factor",
     }
     merged = {k: v for k, v in defaults.items() if k in keep}
     mismatch = {

@@ -110,6 +110,18 @@ def test_negative_prompt_changes_the_guided_prediction(model: OMSModel) -> None:
     assert diff.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("w", [0.0, 7.5])
+def test_guided_prediction_is_eq21_from_separate_module_calls(model: OMSModel, w: float) -> None:
+    # w = 0 is the negative prompt's prediction alone; w = 7.5 extrapolates past the prompt.
+    x = _latent(6, (2, 4, 9, 13))
+    prompts, negatives = ["a red car", "a lighthouse at dusk"], ["blurry", ""]
+    v_uncond = model.unet(x, model.encode(negatives))
+    v_cond = model.unet(x, model.encode(prompts))
+    expected = -(v_uncond + w * (v_cond - v_uncond))
+    got = model.predict_x0(x, prompts, w, negatives)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["prompts", "negative_prompts"])
 def test_prompt_count_must_match_the_batch(model: OMSModel, name: str) -> None:
     kwargs = {"prompts": ["a"], "negative_prompts": None, name: ["a", "b"]}

@@ -322,6 +322,29 @@ def sd21_tokenizer():
     return CLIPTokenizer.from_pretrained(str(DATA / "tokenizer"))
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "  leading and trailing spaces  ",
+        "tabs\tand\nnewlines   many    spaces",
+        'Punctuation!!! ?? ... ,,, (brackets) [square] {curly} <angle> "quotes"',
+        "a (red:1.3) car, [blue] sky",  # a plain string: brackets are text, not emphasis
+        "unicode: café naïve 東京タワー 🐱🚀✨, curly “quotes” — ﬁ ＡＢＣ",
+        "text with <|endoftext|> inside",
+        "!",
+        " ".join(["word"] * 76),
+        "x" * 300,
+    ],
+)
+def test_a_plain_prompt_gives_the_tokenizers_own_ids_padded_to_77(
+    fixture_encoder, sd21_tokenizer, prompt: str
+) -> None:
+    expected = sd21_tokenizer(
+        [prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    assert torch.equal(fixture_encoder.tokenizer([prompt]).ids, expected)
+
+
 def test_wrapped_model_with_default_layers_gives_last_hidden_state(
     sd21_tokenizer, reference
 ) -> None:

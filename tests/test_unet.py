@@ -139,6 +139,7 @@ def test_transformer_layers_per_block_list_sets_the_depth_per_level() -> None:
         ),
         ("attention_head_dim", [3, 4, 4], "does not divide"),
         ("transformer_layers_per_block", [1, 1], "transformer_layers_per_block"),
+        ("cross_attention_dim", [32, 32, 64], "one text width"),
         ("encoder_hid_dim", 512, "encoder_hid_dim"),
         ("addition_embed_type", "text_time", "addition_embed_type"),
         ("some_new_option", 1, "unknown field"),
@@ -149,6 +150,15 @@ def test_unsupported_config_values_raise_value_error_naming_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         UNetConfig.from_dict({**tiny_config(), field: value})
+
+
+def test_a_module_without_mid_block_has_no_mid_block_weights_and_its_config_is_inferred() -> None:
+    config = {**tiny_config(), "mid_block_type": None}
+    shapes = _meta_shapes(config)
+    assert not any(k.startswith("mid_block.") for k in shapes)
+    inferred = config_from_state_dict_shapes(shapes, {"attention_head_dim": [2, 4, 4]})
+    assert inferred["mid_block_type"] is None
+    assert UNetConfig.from_dict(inferred) == UNetConfig.from_dict(config)
 
 
 def test_time_embedding_fields_of_diffusers_configs_are_ignored() -> None:
@@ -197,20 +207,90 @@ def _diffusers_twin(config: dict, seed: int) -> tuple[torch.nn.Module, OMSUNet]:
     return ref, ours
 
 
+_ATTN3, _PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "size"),
     [
-        {},
-        {"use_linear_projection": True, "transformer_layers_per_block": [1, 2, 2]},
-        {"layers_per_block": 1, "upcast_attention": True, "attention_head_dim": [1, 2, 8]},
+        ({}, (19, 13)),
+        ({"use_linear_projection": True, "transformer_layers_per_block": [1, 2, 2]}, (19, 13)),
+        (
+            {"layers_per_block": 1, "upcast_attention": True, "attention_head_dim": [1, 2, 8]},
+            (19, 13),
+        ),
+        (
+            {  # OMS-L's layout (Table 3): attention in the three upper levels, none at the bottom
+                "block_out_channels": [32, 32, 64, 64],
+                "attention_head_dim": [1, 2, 4, 4],
+                "down_block_types": [_ATTN3, _ATTN3, _ATTN3, _PLAIN],
+                "up_block_types": ["UpBlock2D", *["CrossAttnUpBlock2D"] * 3],
+                "layers_per_block": 1,
+            },
+            (65, 47),
+        ),
+        ({"layers_per_block": [1, 2, 3], "attention_head_dim": 4}, (8, 8)),
+        ({"conv_in_kernel": 5, "conv_out_kernel": 1, "mid_block_scale_factor": 2.0}, (17, 31)),
+        ({"norm_num_groups": 16, "norm_eps": 1e-6, "transformer_layers_per_block": 2}, (7, 5)),
+        ({"resnet_out_scale_factor": 2.0}, (19, 13)),
+        ({"downsample_padding": 0}, (19, 13)),
+        ({"center_input_sample": True}, (19, 13)),
+        ({"mid_block_type": None, "down_block_types": [_PLAIN, _ATTN3, _PLAIN]}, (19, 13)),
+        ({"cross_attention_dim": [32, 32, 32]}, (19, 13)),
     ],
-    ids=["released-options", "linear-projection-deeper", "one-layer-upcast"],
+    ids=[
+        "released-options",
+        "linear-projection-deeper",
+        "one-layer-upcast",
+        "oms-l-layout-65x47",
+        "layers-list-8x8",
+        "kernels-mid-scale-17x31",
+        "groups-eps-depth2-7x5",
+        "resnet-out-scale-factor",
+        "downsample-padding-0",
+        "centred-input",
+        "no-mid-block",
+        "text-width-per-block",
+    ],
 )
-def test_matches_diffusers_unet_with_time_projection_zeroed(overrides: dict) -> None:
+def test_matches_diffusers_unet_with_time_projection_zeroed(
+    overrides: dict, size: tuple[int, int]
+) -> None:
     ref, ours = _diffusers_twin({**tiny_config(), **overrides}, seed=1)
-    x = torch.randn(2, 4, 19, 13, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(2))
     ctx = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ref(x, 999, encoder_hidden_states=ctx).sample
         got = ours(x, ctx)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_resnet_out_scale_factor_leaves_the_output_unchanged() -> None:
+    # diffusers hands resnet_out_scale_factor only to the Resnet*/SimpleCrossAttn* block types;
+    # the four an OMS module is built from keep their ResNets unscaled (the mid block has its
+    # own mid_block_scale_factor).
+    plain, scaled = _random_tiny(seed=4), _random_tiny(seed=4, resnet_out_scale_factor=2.0)
+    x, ctx = torch.randn(1, 4, 16, 12), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, ctx), plain(x, ctx), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("size", "halved"), [((64, 64), (32, 32)), ((65, 47), (32, 23))])
+def test_downsample_padding_0_pads_bottom_and_right_before_the_strided_conv(
+    size: tuple[int, int], halved: tuple[int, int]
+) -> None:
+    # A 3x3 stride-2 conv without padding on H + 1 rows gives floor((H + 1 - 3) / 2) + 1 rows.
+    unet = _random_tiny(downsample_padding=0)
+    seen: list[tuple[int, ...]] = []
+    down = unet.down_blocks[0].downsamplers[0]
+    down.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    x = torch.randn(1, 4, *size)
+    with torch.no_grad():
+        out = unet(x, torch.randn(1, 77, 32))
+    assert seen == [halved]
+    assert out.shape == x.shape
+    h = torch.randn(1, 32, *size)
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(h, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2
+    )
+    torch.testing.assert_close(down(h), expected, atol=0, rtol=0)
