@@ -16,6 +16,9 @@ REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
     "huggingface_hub": "huggingface_hub<1",
     "transformers": "transformers>=4.30,<5",
+    # transformers' CLIP tokenizer normalises a prompt's text (curly quotes, ligatures, HTML
+    # entities) as CLIP and OpenCLIP were trained only when ftfy is installed.
+    "ftfy": "ftfy",
 }
 
 

@@ -334,6 +334,25 @@ def test_bad_loader_input_is_a_clear_error_on_the_node(nodes, name, precision, m
         nodes.OneMoreStepLoader().load(name, precision)
 
 
+def test_without_ftfy_the_loader_says_once_how_to_install_it(nodes, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # ``import ftfy`` fails, as when absent
+    nodes.OneMoreStepLoader().load("oms_tiny", "auto")
+    nodes.OneMoreStepLoader().load("oms_tiny", "fp32")
+    said = [r.message for r in caplog.records if "ftfy" in r.message]
+    assert len(said) == 1 and "python -m pip install ftfy" in said[0]
+
+
+def test_with_ftfy_the_loader_says_nothing_about_it(nodes, caplog):
+    pytest.importorskip("ftfy")
+    nodes.OneMoreStepLoader().load("oms_tiny", "auto")
+    assert not any("ftfy" in r.message for r in caplog.records)
+
+
+def test_comfyui_manager_installs_ftfy_from_the_requirements_file():
+    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == ["ftfy"]
+
+
 def test_a_pickle_is_refused_by_the_loader(comfy, nodes):
     (Path(comfy.folder_paths.models_dir) / "oms" / "evil.ckpt").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="pickle"):

@@ -30,13 +30,13 @@ def fake_launch(present: set[str], skip: bool = False):
 
 
 def test_only_absent_packages_are_installed(installer):
-    launch = fake_launch({"safetensors", "transformers"})
+    launch = fake_launch({"safetensors", "transformers", "ftfy"})
     installer.install(launch)
     assert launch.calls == ['install "huggingface_hub<1"']
 
 
 def test_nothing_is_installed_when_everything_is_present(installer):
-    launch = fake_launch({"safetensors", "transformers", "huggingface_hub"})
+    launch = fake_launch({"safetensors", "transformers", "huggingface_hub", "ftfy"})
     assert installer.install(launch) == [] and launch.calls == []
 
 

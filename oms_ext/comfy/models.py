@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from oms_ext.comfy.clip import CheckpointClipNeeded
+from oms_ext.comfy.notices import notify
 from oms_ext.errors import OMSUserError
 from oms_ext.loading import OMSModel, cross_attention_width, find_module_files
 from oms_ext.runtime.cache import ModelCache
@@ -159,6 +160,24 @@ def _download(request: ModelRequest, resolved: Any) -> None:
         download_files(part.repo_id, part.files, part.target, fetch=fetch)
 
 
+#: Said once per ComfyUI run: a module's own tokenizer reads some prompts differently without it.
+FTFY_MISSING = (
+    "One More Step: ftfy is not installed, so the module's own text encoder reads curly quotes, "
+    "ligatures and HTML entities in a prompt differently from the WebUIs and from how CLIP was "
+    "trained. Install it with ComfyUI's Python: python -m pip install ftfy"
+)
+_said: set[str] = set()
+
+
+def _has_ftfy() -> bool:
+    """transformers' CLIPTokenizer normalises text with ftfy exactly when ``import ftfy`` works."""
+    try:
+        import ftfy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_module(name: str, precision: str) -> OMSModule:
     """Load module ``name`` (a local module or a release, downloaded when missing) in
     ``precision``, held by a ModelPatcher on ComfyUI's devices. Raises :class:`LoaderError`
@@ -190,6 +209,9 @@ def load_module(name: str, precision: str) -> OMSModule:
     )
     _download(request, resolved)
     model = provide_model(request, ModelCache(offload_device))
+    if borrowed is None and FTFY_MISSING not in _said and not _has_ftfy():
+        _said.add(FTFY_MISSING)
+        notify(FTFY_MISSING)
     patcher = comfy.model_patcher.ModelPatcher(
         _Weights(model), load_device=load_device, offload_device=offload_device
     )
