@@ -141,13 +141,21 @@ def choose(page: Page, elem_id: str, value: str) -> None:
     choose_in(page, f"#{elem_id}", value)
 
 
+def option_pattern(value: str) -> re.Pattern[str]:
+    """A dropdown option showing ``value``: the whole text (after gradio's check mark), or
+    ``value`` and the short hash A1111 appends to a checkpoint's title once it has hashed the
+    file (``modules/sd_models.py``, ``CheckpointInfo.calculate_shorthash``), so a checkpoint
+    is found by its file name before and after its first load."""
+    return re.compile(rf"^\W*{re.escape(value)}(\s+\[[0-9a-f]{{8,}}\])?\s*$")
+
+
 def choose_in(page: Page, selector: str, value: str) -> None:
     """:func:`choose` for the first dropdown matching a CSS ``selector``."""
     block = page.locator(selector).first
     block.locator("input").first.click()
     options = block.locator("ul.options li")
     options.first.wait_for(state="visible")
-    exact = re.compile(rf"^\W*{re.escape(value)}\s*$")
+    exact = option_pattern(value)
     options.filter(has_text=exact).first.click()
     page.wait_for_timeout(100)
 
