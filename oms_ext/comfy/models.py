@@ -11,6 +11,7 @@ and offloads or evicts it like its own models.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,22 +161,23 @@ def _download(request: ModelRequest, resolved: Any) -> None:
         download_files(part.repo_id, part.files, part.target, fetch=fetch)
 
 
-#: Said once per ComfyUI run: a module's own tokenizer reads some prompts differently without it.
+#: What the loader says when ftfy is missing: a module's own tokenizer reads some prompts
+#: differently without it.
 FTFY_MISSING = (
     "One More Step: ftfy is not installed, so the module's own text encoder reads curly quotes, "
     "ligatures and HTML entities in a prompt differently from the WebUIs and from how CLIP was "
     "trained. Install it with ComfyUI's Python: python -m pip install ftfy"
 )
-_said: set[str] = set()
 
 
-def _has_ftfy() -> bool:
-    """transformers' CLIPTokenizer normalises text with ftfy exactly when ``import ftfy`` works."""
+@functools.cache
+def _say_once_if_ftfy_is_missing() -> None:
+    """Notify :data:`FTFY_MISSING` (once per ComfyUI run) when ``import ftfy`` fails: exactly
+    then transformers' CLIPTokenizer normalises text without ftfy."""
     try:
         import ftfy  # noqa: F401
     except ImportError:
-        return False
-    return True
+        notify(FTFY_MISSING)
 
 
 def load_module(name: str, precision: str) -> OMSModule:
@@ -209,9 +211,8 @@ def load_module(name: str, precision: str) -> OMSModule:
     )
     _download(request, resolved)
     model = provide_model(request, ModelCache(offload_device))
-    if borrowed is None and FTFY_MISSING not in _said and not _has_ftfy():
-        _said.add(FTFY_MISSING)
-        notify(FTFY_MISSING)
+    if borrowed is None:  # the module tokenizes with its own CLIPTokenizer
+        _say_once_if_ftfy_is_missing()
     patcher = comfy.model_patcher.ModelPatcher(
         _Weights(model), load_device=load_device, offload_device=offload_device
     )
